@@ -1,0 +1,1 @@
+"""Utilities: losses, POD, pseudo-labels, regularisers, distributed helpers, logging, checkpoints."""
