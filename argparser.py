@@ -1,0 +1,980 @@
+"""Command-line interface: every reference flag, method presets, derived options and validation.
+
+The interface is the reference one flag for flag (§2.1): same names, ``dest``, types, defaults, choices and
+``store_true``/``store_false`` polarity, including the inverted ``--crop_val``, ``--visualize`` and
+``--strict_weights`` and the hyphenated ``--fusion-mode``. Scripts and saved option dumps of the
+reference therefore keep working. What changes is the shape:
+
+* flags are grouped and the help shows the real defaults (``ArgumentDefaultsHelpFormatter``);
+* ``--method`` presets are data (:data:`METHOD_PRESETS`), resolved by :func:`resolve_preset`;
+* :func:`modify_command_options` returns a new ``Namespace`` instead of mutating its input;
+* :func:`validate_options` refuses, before any work, option combinations the reference crashes on;
+* :func:`save_options` writes the resolved options next to the logs.
+
+Typical use (run.py)::
+
+    opts = modify_command_options(get_argparser().parse_args())
+    validate_options(opts)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import tasks
+from utils.errors import OptionsError
+
+DATASETS = ("voc", "ade", "cityscapes_domain")
+
+# Number of output classes per dataset. Reference behaviour (§2.2): "cityscapes" and
+# "cityscapes_classdomain" are known here but not selectable with --dataset.
+NUM_CLASSES: dict[str, int] = {
+    "voc": 21,
+    "ade": 151,
+    "cityscapes_domain": 19,
+    "cityscapes": 17,
+    "cityscapes_classdomain": 19,
+}
+
+METHODS = ("FT", "LWF", "LWF-MC", "ILT", "EWC", "RW", "PI", "MiB", "PLOP", "LGKD")
+NORM_ACTS = ("iabn_sync", "iabn", "abn", "std", "iabn_sync_test")
+POD_PREPROS = ("pow", "none", "relu", "abs")
+MULTIMODAL_FUSIONS = ("sum", "mean", "max", "softmax")
+PSEUDO_MODES = ("naive", "confidence", "threshold_<float>", "median", "entropy")
+
+
+def _pod_switch_options(after_factor: float) -> dict[str, Any]:
+    """PLOP's ``pod_options``: the last POD map (the logits) uses local POD with its own factor and
+    folds the new classes' logits into the background channel."""
+    return {"switch": {"after": {"extra_channels": "sum", "factor": after_factor, "type": "local"}}}
+
+
+# Options each --method sets, overriding whatever the command line said for the same options
+# (reference semantics, §2.2). Options not listed keep their command-line value; in particular the
+# LGKD preset leaves prev_kd/novel_kd alone (the scripts pass them).
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "FT": {},
+    "LWF": {"loss_kd": 100.0},
+    "LWF-MC": {"icarl": True, "icarl_importance": 10.0},
+    "ILT": {"loss_kd": 100.0, "loss_de": 100.0},
+    "EWC": {"regularizer": "ewc", "reg_importance": 100.0},
+    "RW": {"regularizer": "rw", "reg_importance": 100.0},
+    "PI": {"regularizer": "pi", "reg_importance": 100.0},
+    "MiB": {"loss_kd": 10.0, "unce": True, "unkd": True, "init_balanced": True},
+    "PLOP": {
+        "pod": "local",
+        "pod_factor": 0.01,
+        "pod_logits": True,
+        "pod_options": _pod_switch_options(0.0005),
+        "pseudo": "entropy",
+        "threshold": 0.001,
+        "classif_adaptive_factor": True,
+        "init_balanced": True,
+    },
+    "LGKD": {
+        "loss_kd": 1.0,
+        "lgkd": True,
+        "pod": "local",
+        "pod_factor": 0.01,
+        "pod_logits": True,
+        "pod_options": _pod_switch_options(0.0005),
+        "pseudo": "entropy",
+        "threshold": 0.001,
+        "classif_adaptive_factor": True,
+        "init_balanced": True,
+    },
+}
+
+# Dataset-dependent values layered on top of METHOD_PRESETS. Only LGKD has any: weaker POD on ADE20k.
+# The PLOP preset deliberately has none (the reference uses the VOC factors on every dataset, §11).
+PRESET_DATASET_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
+    ("LGKD", "ade"): {"pod_factor": 0.001, "pod_options": _pod_switch_options(0.00001)},
+}
+
+
+def resolve_preset(method: str | None, dataset: str) -> dict[str, Any]:
+    """Return the options ``--method`` forces on ``dataset`` (a fresh, deep-copied dict).
+
+    Raises:
+        OptionsError: ``method`` is not one of :data:`METHOD_PRESETS`.
+    """
+    if method is None:
+        return {}
+    if method not in METHOD_PRESETS:
+        raise OptionsError(
+            f"Unknown --method {method!r}. Pass one of: {', '.join(METHOD_PRESETS)} "
+            "(or no --method to set every option by hand)."
+        )
+    preset = {**METHOD_PRESETS[method], **PRESET_DATASET_OVERRIDES.get((method, dataset), {})}
+    return copy.deepcopy(preset)
+
+
+def _add_performance_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Performance")
+    group.add_argument(
+        "--random_seed",
+        type=int,
+        default=42,
+        help="seed of torch, numpy and python random (same on every rank)",
+    )
+    group.add_argument("--num_workers", type=int, default=4, help="DataLoader worker processes")
+    group.add_argument(
+        "--scan_workers",
+        type=int,
+        default=None,
+        help="processes for the first per-step image filtering scan (None: --num_workers)",
+    )
+    group.add_argument(
+        "--opt_level",
+        type=str,
+        default="O0",
+        choices=["O0", "O1", "O2", "O3"],
+        help="mixed precision level, named as apex did: O0 = fp32, O1..O3 = autocast "
+        "(the reference scripts use O1)",
+    )
+    group.add_argument(
+        "--amp_dtype",
+        type=str,
+        default="fp16",
+        choices=["fp16", "bf16"],
+        help="autocast dtype when --opt_level is O1..O3 (CUDA only; CPU runs fp32)",
+    )
+    group.add_argument(
+        "--device",
+        type=str,
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="device to run on (auto: CUDA when available)",
+    )
+    group.add_argument(
+        "--memory_format",
+        type=str,
+        default="auto",
+        choices=["auto", "channels_last", "contiguous"],
+        help="tensor memory format (auto: channels_last on CUDA, contiguous on CPU)",
+    )
+    group.add_argument(
+        "--recompute_abn",
+        action="store_true",
+        default=False,
+        help="recompute normalisation in the backward pass to save activation memory",
+    )
+    group.add_argument(
+        "--no_cudnn_benchmark",
+        action="store_true",
+        default=False,
+        help="disable cuDNN benchmark mode (otherwise on with CUDA unless --deterministic)",
+    )
+    group.add_argument(
+        "--deterministic",
+        action="store_true",
+        default=False,
+        help="use deterministic algorithms; CPU runs become bitwise repeatable",
+    )
+
+
+def _add_dataset_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Dataset")
+    group.add_argument(
+        "--data_root",
+        type=str,
+        default="data",
+        help="dataset root: VOC must contain PascalVOC2012/, ADE20k ADEChallengeData2016/; "
+        "for cityscapes_domain it is the Cityscapes root itself",
+    )
+    group.add_argument("--dataset", type=str, default="voc", choices=list(DATASETS), help="dataset")
+    group.add_argument(
+        "--num_classes",
+        type=int,
+        default=None,
+        help="always overwritten from the dataset (voc 21, ade 151, cityscapes_domain 19)",
+    )
+    group.add_argument(
+        "--cache_dir",
+        type=str,
+        default=None,
+        help="root of the per-step split-index caches (None: the reference location "
+        "data/{dataset}/{task} relative to the working directory)",
+    )
+
+
+def _add_method_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Method")
+    group.add_argument(
+        "--method",
+        type=str,
+        default=None,
+        choices=list(METHODS),
+        help="apply this method's preset (see argparser.METHOD_PRESETS); it overrides "
+        "command-line values of the options it sets",
+    )
+    group.add_argument(
+        "--base_weights",
+        action="store_true",
+        default=False,
+        help="the model keeps only the first (step-0) classifier",
+    )
+
+
+def _add_training_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Training")
+    group.add_argument("--epochs", type=int, default=30, help="epochs of this step")
+    group.add_argument(
+        "--fix_bn",
+        action="store_true",
+        default=False,
+        help="freeze the affine parameters of the normalisation layers (reference "
+        "behaviour Q19: their eval mode is undone by model.train() every epoch)",
+    )
+    group.add_argument("--batch_size", type=int, default=4, help="batch size per process")
+    group.add_argument(
+        "--crop_size", type=int, default=512, help="train crop size, and val/test resize + center-crop size"
+    )
+    group.add_argument("--lr", type=float, default=0.01, help="base learning rate")
+    group.add_argument(
+        "--lr_old",
+        type=float,
+        default=None,
+        help="at step > 0, old classifiers use lr_old * lr in their own param group",
+    )
+    group.add_argument(
+        "--momentum",
+        type=float,
+        default=0.9,
+        help="SGD (Nesterov) momentum; the reference ignored this flag and always used 0.9",
+    )
+    group.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay of every param group")
+    group.add_argument(
+        "--lr_policy",
+        type=str,
+        default="poly",
+        choices=["poly", "step"],
+        help="learning-rate schedule, stepped every iteration",
+    )
+    group.add_argument("--lr_decay_step", type=int, default=5000, help="step policy: period in iterations")
+    group.add_argument("--lr_decay_factor", type=float, default=0.1, help="step policy: decay factor")
+    group.add_argument("--lr_power", type=float, default=0.9, help="poly policy: power")
+    group.add_argument(
+        "--freeze", action="store_true", default=False, help="exclude the backbone from the optimizer"
+    )
+    group.add_argument(
+        "--bce",
+        action="store_true",
+        default=False,
+        help="one-hot BCE-with-logits criterion instead of cross-entropy",
+    )
+    group.add_argument(
+        "--unce", action="store_true", default=False, help="MiB unbiased cross-entropy (step > 0)"
+    )
+
+
+def _add_validation_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Validation")
+    group.add_argument(
+        "--val_interval",
+        type=int,
+        default=60,
+        help="validate every N epochs from epoch 30 on, and after the last epoch",
+    )
+    group.add_argument(
+        "--crop_val",
+        action="store_false",
+        default=True,
+        help="True: val/test images are resized and center-cropped to --crop_size; "
+        "passing the flag sets it False (full images, loader batch 1)",
+    )
+    group.add_argument(
+        "--test_on_val",
+        action="store_true",
+        default=False,
+        help="VOC only: train on 80%% of the filtered train images and test on the last "
+        "20%% of the filtered val images",
+    )
+    group.add_argument(
+        "--val_on_trainset",
+        action="store_true",
+        default=False,
+        help="build the test set from the train split",
+    )
+    group.add_argument(
+        "--cross_val",
+        action="store_true",
+        default=False,
+        help="validation set = random 80/20 split of the train set",
+    )
+
+
+def _add_logging_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Logging")
+    group.add_argument("--logdir", type=str, default="./logs", help="log root")
+    group.add_argument(
+        "--name",
+        type=str,
+        default="Experiment",
+        help="experiment name (log directory, checkpoint and results CSV names)",
+    )
+    group.add_argument("--date", type=str, default="", help="prefix of the results CSV name")
+    group.add_argument("--results_dir", type=str, default="results", help="directory of the results CSV")
+    group.add_argument(
+        "--visualize",
+        action="store_false",
+        default=True,
+        help="True: rank 0 writes tensorboard summaries; passing the flag sets it False",
+    )
+    group.add_argument(
+        "--sample_num",
+        type=int,
+        default=0,
+        help="number of validation samples to visualise (forced to 0 with --visualize)",
+    )
+    group.add_argument(
+        "--print_interval",
+        type=int,
+        default=10,
+        help="iterations between training-loss log lines; the reference ignored this flag and always used 10",
+    )
+    group.add_argument(
+        "--debug",
+        action="store_true",
+        default=False,
+        help="debug-level logging; a missing previous-step checkpoint is only a warning",
+    )
+    group.add_argument(
+        "--no_progress", action="store_true", default=False, help="plain log lines instead of progress bars"
+    )
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Model")
+    group.add_argument(
+        "--backbone",
+        type=str,
+        default="resnet101",
+        choices=["resnet18", "resnet34", "resnet50", "resnet101"],
+        help="ResNet depth",
+    )
+    group.add_argument(
+        "--output_stride", type=int, default=16, choices=[8, 16], help="backbone output stride"
+    )
+    group.add_argument(
+        "--no_pretrained",
+        action="store_true",
+        default=False,
+        help="do not load the ImageNet backbone weights",
+    )
+    group.add_argument(
+        "--norm_act",
+        type=str,
+        default="iabn_sync",
+        choices=list(NORM_ACTS),
+        help="normalisation + activation layer: iabn_sync (synchronised in-place ABN), "
+        "iabn, abn, std (BatchNorm2d + activation); iabn_sync_test is an alias of "
+        "iabn_sync kept for old command lines",
+    )
+    group.add_argument(
+        "--abn_impl",
+        type=str,
+        default="torch",
+        choices=["torch", "inplace_abn"],
+        help="activated batch-norm implementation: pure PyTorch, or the compiled "
+        "inplace_abn package (CUDA, optional)",
+    )
+    group.add_argument(
+        "--pooling", type=int, default=32, help="eval-time pooling window of the ASPP image-pooling branch"
+    )
+    group.add_argument("--code_directory", type=str, default=".", help="directory that contains pretrained/")
+
+
+def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Checkpoint")
+    group.add_argument(
+        "--test",
+        action="store_true",
+        default=False,
+        help="no training: evaluate a checkpoint on the test set",
+    )
+    group.add_argument(
+        "--ckpt",
+        type=str,
+        default=None,
+        help="training: resume from this file if it exists; --test: file to evaluate "
+        "(None: this step's standard checkpoint path)",
+    )
+    group.add_argument(
+        "--step_ckpt",
+        type=str,
+        default=None,
+        help="previous-step checkpoint (None: {checkpoint}/{task}-{dataset}_{name}_{step-1}.pth)",
+    )
+    group.add_argument(
+        "--checkpoint",
+        type=str,
+        default="./checkpoints/step",
+        help="checkpoint directory (created at startup)",
+    )
+    group.add_argument(
+        "--strict_weights",
+        action="store_false",
+        default=True,
+        help="True: the previous-step checkpoint is loaded strictly into the old model (and "
+        "so is --ckpt when resuming); passing the flag sets it False",
+    )
+    group.add_argument(
+        "--no_resume",
+        action="store_true",
+        default=False,
+        help="do not resume automatically from the last finished epoch of this step",
+    )
+
+
+def _add_incremental_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Incremental")
+    task_help = "; ".join(f"{name}: {', '.join(table)}" for name, table in tasks.TASKS.items())
+    # Reference behaviour (§3.2): choices are the union of every dataset's task names; whether the
+    # task exists for --dataset is checked by validate_options.
+    group.add_argument(
+        "--task",
+        type=str,
+        default="19-1",
+        choices=tasks.get_task_list(),
+        metavar="TASK",
+        help=f"task split ({task_help})",
+    )
+    group.add_argument("--step", type=int, default=0, help="incremental step to run")
+    group.add_argument(
+        "--overlap", action="store_true", default=False, help="overlapped setting instead of the disjoint one"
+    )
+    group.add_argument(
+        "--no_mask",
+        action="store_true",
+        default=False,
+        help="ADE20k only: reorder labels without masking old/future classes",
+    )
+    group.add_argument(
+        "--data_masking",
+        type=str,
+        default="current",
+        choices=["current", "current+old", "all", "new"],
+        help="VOC train/val label masking: current (old and future classes -> background), "
+        "current+old (future -> background), new (old and future -> ignored); "
+        "all is not implemented",
+    )
+    group.add_argument(
+        "--init_balanced",
+        action="store_true",
+        default=False,
+        help="MiB initialisation of the new classifier from the background one",
+    )
+
+
+def _add_distillation_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Distillation / regularisation")
+    group.add_argument(
+        "--loss_kd",
+        type=float,
+        default=0.0,
+        help="weight of output distillation (KD, unbiased KD or LGKD) at step > 0",
+    )
+    group.add_argument(
+        "--unkd", action="store_true", default=False, help="MiB unbiased knowledge distillation"
+    )
+    group.add_argument(
+        "--lgkd", action="store_true", default=False, help="label-guided knowledge distillation"
+    )
+    group.add_argument(
+        "--prev_kd", type=float, default=10.0, help="LGKD weight of previous (background/old) pixels"
+    )
+    group.add_argument("--novel_kd", type=float, default=2.0, help="LGKD weight of novel-class pixels")
+    group.add_argument(
+        "--alpha",
+        type=float,
+        default=1.0,
+        help="multiplier of the old logits in KD losses (also the focal-loss alpha)",
+    )
+    group.add_argument(
+        "--loss_de", type=float, default=0.0, help="weight of ILT encoder feature distillation"
+    )
+    group.add_argument(
+        "--regularizer", type=str, default=None, choices=["ewc", "rw", "pi"], help="parameter regulariser"
+    )
+    group.add_argument("--reg_importance", type=float, default=1.0, help="regulariser weight")
+    group.add_argument("--reg_alpha", type=float, default=0.9, help="Fisher moving-average factor (EWC, RW)")
+    group.add_argument(
+        "--reg_no_normalize",
+        action="store_true",
+        default=False,
+        help="disable min-max normalisation of the importance matrices",
+    )
+    group.add_argument("--reg_iterations", type=int, default=10, help="RW score update period in iterations")
+
+
+def _add_icarl_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ICaRL")
+    group.add_argument(
+        "--icarl", action="store_true", default=False, help="LwF-MC: BCE + sigmoid distillation"
+    )
+    group.add_argument("--icarl_importance", type=float, default=1.0, help="weight of the iCaRL distillation")
+    group.add_argument(
+        "--icarl_disjoint",
+        action="store_true",
+        default=False,
+        help="replace the old classes' targets by the old model's sigmoid outputs",
+    )
+    group.add_argument(
+        "--icarl_bkg",
+        action="store_true",
+        default=False,
+        help="with --icarl_disjoint: keep the ground truth for the background channel",
+    )
+
+
+def _add_pseudo_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Pseudo-labelling")
+    group.add_argument(
+        "--pseudo",
+        type=str,
+        default=None,
+        help=f"pseudo-label background pixels with the old model: {', '.join(PSEUDO_MODES)}",
+    )
+    group.add_argument(
+        "--threshold", type=float, default=0.9, help="base threshold of the median/entropy pseudo-labelling"
+    )
+    group.add_argument(
+        "--step_threshold",
+        type=float,
+        default=None,
+        help="no effect (reference behaviour Q15: added after the threshold is used)",
+    )
+    group.add_argument(
+        "--pseudo_nb_bins",
+        type=int,
+        default=None,
+        help="histogram bins of the median search (None: 100 for entropy, 20 for probability)",
+    )
+    group.add_argument(
+        "--classif_adaptive_factor",
+        action="store_true",
+        default=False,
+        help="scale each image's CE by its fraction of confident background pixels",
+    )
+    group.add_argument(
+        "--classif_adaptive_min_factor",
+        type=float,
+        default=0.0,
+        help="lower clamp of the adaptive factor (0: no clamp)",
+    )
+    group.add_argument(
+        "--ce_on_pseudo",
+        action="store_true",
+        default=False,
+        help="separate CE on pseudo-labelled pixels (entropy pseudo-labelling)",
+    )
+    group.add_argument(
+        "--pseudo_soft",
+        type=str,
+        default=None,
+        choices=["soft_certain", "soft_uncertain"],
+        help="soft pseudo-label CE variant",
+    )
+    group.add_argument(
+        "--pseudo_soft_factor", type=float, default=1.0, help="weight of the uncertain part of the soft CE"
+    )
+    group.add_argument(
+        "--pseudo_ablation",
+        type=str,
+        default=None,
+        choices=["corrected_errors", "removed_errors"],
+        help="entropy pseudo-label ablations",
+    )
+
+
+def _add_pod_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("POD")
+    group.add_argument(
+        "--pod",
+        type=str,
+        default=None,
+        choices=["spatial", "local", "global"],
+        help="POD feature distillation pooling (step > 0)",
+    )
+    group.add_argument("--pod_factor", type=float, default=5.0, help="POD weight of the non-last maps")
+    group.add_argument(
+        "--pod_options",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help='POD options as a JSON object, e.g. \'{"switch": {"after": {"extra_channels": '
+        '"sum", "factor": 0.0005, "type": "local"}}}\'',
+    )
+    group.add_argument(
+        "--pod_prepro",
+        type=str,
+        default="pow",
+        help="elementwise pre-processing before pooling: pow, none, relu",
+    )
+    group.add_argument(
+        "--no_pod_schedule",
+        action="store_true",
+        default=False,
+        help="disable the sqrt(C_new / N_new) POD multiplier",
+    )
+    group.add_argument(
+        "--pod_deeplab_mask", action="store_true", default=False, help="masked local POD on the last map(s)"
+    )
+    group.add_argument(
+        "--pod_deeplab_mask_factor",
+        type=float,
+        default=None,
+        help="POD factor of the masked maps (None: --pod_factor)",
+    )
+    group.add_argument(
+        "--deeplab_mask_downscale",
+        action="store_true",
+        default=False,
+        help="downscale the mask instead of upscaling the features",
+    )
+    group.add_argument(
+        "--pod_logits",
+        action="store_true",
+        default=False,
+        help="add the (pre-upsampling) logits to the POD maps",
+    )
+    group.add_argument(
+        "--pod_large_logits",
+        action="store_true",
+        default=False,
+        help="add the full-resolution logits to the POD maps",
+    )
+    group.add_argument(
+        "--spp_scales", type=int, nargs="+", default=[1, 2, 4], help="pyramid scales of local/global POD"
+    )
+
+
+def _add_experimental_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Other experimental", "not used by any published setting")
+    group.add_argument(
+        "--nb_background_modes",
+        type=int,
+        default=1,
+        help="> 1: the background classifier has this many outputs fused into one logit",
+    )
+    group.add_argument(
+        "--multimodal_fusion",
+        type=str,
+        default="sum",
+        help="fusion of the background modes: sum, mean, max, softmax",
+    )
+    group.add_argument(
+        "--init_multimodal",
+        type=str,
+        default=None,
+        choices=["max", "softmax", "max_init", "softmax_init", "softmax_remove", "max_remove"],
+        help="multimodal initialisation of the new classifier (the *_init variants are "
+        "refused: broken in the reference)",
+    )
+    group.add_argument(
+        "--align_weight",
+        type=str,
+        default=None,
+        choices=["old", "background", "all"],
+        help="weight-norm alignment of the newest classifier at validation",
+    )
+    group.add_argument(
+        "--align_weight_frequency",
+        type=str,
+        default="never",
+        choices=["never", "epoch", "task"],
+        help="when to align the classifier weights",
+    )
+    group.add_argument(
+        "--cosine", action="store_true", default=False, help="cosine classifier with a learnable scale"
+    )
+    group.add_argument("--nca", action="store_true", default=False, help="NCA criterion")
+    group.add_argument("--nca_margin", type=float, default=0.0, help="NCA margin")
+    group.add_argument(
+        "--disable_background",
+        action="store_true",
+        default=False,
+        help="at evaluation, force the background logit to 0",
+    )
+    group.add_argument(
+        "--ignore_test_bg",
+        action="store_true",
+        default=False,
+        help="ADE20k only: background and unseen classes are ignored in the test set",
+    )
+    group.add_argument(
+        "--entropy_min",
+        type=float,
+        default=0.0,
+        help="> 0 enables entropy minimisation (reference behaviour Q17: weight is always 1)",
+    )
+    group.add_argument(
+        "--kd_scheduling",
+        action="store_true",
+        default=False,
+        help="multiply the KD loss by sqrt(C_new / N_new)",
+    )
+    group.add_argument(
+        "--sample_weights_new",
+        type=float,
+        default=None,
+        help="multiply the CE of every pixel by this value (reference behaviour Q18)",
+    )
+    group.add_argument("--kd_bce_sig", action="store_true", default=False, help="sigmoid-BCE distillation")
+    group.add_argument(
+        "--kd_bce_sig_shape",
+        type=str,
+        default="trim",
+        choices=["trim", "sum"],
+        help="sigmoid-BCE KD: drop the new channels (trim) or sum them into background",
+    )
+    group.add_argument(
+        "--exkd_gt",
+        action="store_true",
+        default=False,
+        help="excluded KD (refused: crashes in the reference)",
+    )
+    group.add_argument(
+        "--exkd_sum",
+        action="store_true",
+        default=False,
+        help="excluded KD, sum variant (refused: crashes in the reference)",
+    )
+    group.add_argument(
+        "--temperature_semiold",
+        type=float,
+        default=1.0,
+        help="temperature of the excluded KD (unused, since --exkd_* is refused)",
+    )
+    group.add_argument("--focal_loss", action="store_true", default=False, help="focal-loss criterion")
+    group.add_argument(
+        "--focal_loss_new",
+        action="store_true",
+        default=False,
+        help="focal loss only on pixels of classes learned at this step",
+    )
+    group.add_argument("--focal_loss_gamma", type=int, default=2, help="focal-loss gamma")
+    group.add_argument(
+        "--ce_on_new", action="store_true", default=False, help="ignore background pixels in the CE"
+    )
+
+
+def _add_deprecated_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "Deprecated / no-op", "accepted for compatibility with reference command lines; no effect"
+    )
+    group.add_argument("--dont_predict_bg", action="store_true", default=False, help="no effect")
+    group.add_argument(
+        "--fusion-mode",
+        "--fusion_mode",
+        dest="fusion_mode",
+        type=str,
+        default="mean",
+        choices=["mean", "voting", "max"],
+        help="no effect",
+    )
+    group.add_argument("--ckpt_interval", type=int, default=1, help="no effect")
+    group.add_argument(
+        "--pod_apply", type=str, default="all", choices=["all", "backbone", "deeplab"], help="no effect"
+    )
+    group.add_argument("--pod_interpolate_last", action="store_true", default=False, help="no effect")
+    group.add_argument("--entropy_min_mean_pixels", action="store_true", default=False, help="no effect")
+    group.add_argument(
+        "--kd_mask",
+        type=str,
+        default=None,
+        choices=["oldbackground", "new"],
+        help="no effect (commented out in the LGKD reference)",
+    )
+    group.add_argument(
+        "--kd_mask_adaptative_factor",
+        action="store_true",
+        default=False,
+        help="no effect (commented out in the LGKD reference)",
+    )
+    group.add_argument(
+        "--kd_new", action="store_true", default=False, help="no effect (commented out in the LGKD reference)"
+    )
+    group.add_argument(
+        "--temperature", type=float, default=1.0, help="no effect (commented out in the LGKD reference)"
+    )
+    group.add_argument(
+        "--temperature_apply",
+        type=str,
+        default=None,
+        choices=["all", "new", "old"],
+        help="no effect (commented out in the LGKD reference)",
+    )
+
+
+def get_argparser() -> argparse.ArgumentParser:
+    """Build the parser with every reference flag (§2.1) plus the additive flags of this project."""
+    parser = argparse.ArgumentParser(
+        description="Continual semantic segmentation: train or test one incremental step.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for add_group in (
+        _add_performance_args,
+        _add_dataset_args,
+        _add_method_args,
+        _add_training_args,
+        _add_validation_args,
+        _add_logging_args,
+        _add_model_args,
+        _add_checkpoint_args,
+        _add_incremental_args,
+        _add_distillation_args,
+        _add_icarl_args,
+        _add_pseudo_args,
+        _add_pod_args,
+        _add_experimental_args,
+        _add_deprecated_args,
+    ):
+        add_group(parser)
+    return parser
+
+
+def modify_command_options(opts: argparse.Namespace) -> argparse.Namespace:
+    """Resolve method presets and derived options; return a new ``Namespace`` (``opts`` is untouched).
+
+    Reference semantics (§2.2): ``num_classes`` comes from the dataset; without ``visualize``,
+    ``sample_num`` is 0; the ``--method`` preset overwrites the options it lists whatever the command
+    line said; ``no_overlap`` and ``no_cross_val`` are the negations of ``overlap`` and ``cross_val``.
+    ``norm_act = iabn_sync_test`` is resolved to its alias ``iabn_sync`` here, once, so that the current
+    and the old model are built alike (the reference renamed it half-way, Q12).
+
+    Raises:
+        OptionsError: unknown dataset or method (only possible for a hand-built ``Namespace``).
+    """
+    resolved = argparse.Namespace(**copy.deepcopy(vars(opts)))
+    if resolved.dataset not in NUM_CLASSES:
+        raise OptionsError(
+            f"Unknown dataset {resolved.dataset!r}. Pass --dataset with one of: {', '.join(DATASETS)}."
+        )
+    resolved.num_classes = NUM_CLASSES[resolved.dataset]
+    if not resolved.visualize:
+        resolved.sample_num = 0
+    for option, value in resolve_preset(resolved.method, resolved.dataset).items():
+        setattr(resolved, option, value)
+    resolved.no_overlap = not resolved.overlap
+    resolved.no_cross_val = not resolved.cross_val
+    if resolved.norm_act == "iabn_sync_test":
+        resolved.norm_act = "iabn_sync"
+    return resolved
+
+
+def _check_pseudo(pseudo: str | None) -> None:
+    if pseudo is None or pseudo in ("naive", "confidence", "median", "entropy"):
+        return
+    if pseudo.startswith("threshold_"):
+        try:
+            float(pseudo.removeprefix("threshold_"))
+            return
+        except ValueError:
+            pass
+    raise OptionsError(
+        f"Unknown --pseudo {pseudo!r}. Pass one of: {', '.join(PSEUDO_MODES)} "
+        "(e.g. threshold_0.9), or leave it out to disable pseudo-labelling."
+    )
+
+
+def _check_pod(opts: argparse.Namespace) -> None:
+    if opts.pod_options is not None and not isinstance(opts.pod_options, dict):
+        raise OptionsError(
+            f"--pod_options must be a JSON object, got {opts.pod_options!r}. Pass for example "
+            '\'{"switch": {"after": {"extra_channels": "sum", "factor": 0.0005, "type": "local"}}}\'.'
+        )
+    switch = (opts.pod_options or {}).get("switch", {})
+    prepros = [opts.pod_prepro]
+    if isinstance(switch, dict):
+        prepros += [part.get("prepro") for part in switch.values() if isinstance(part, dict)]
+    for prepro in prepros:
+        if prepro == "abs":
+            # Q21: the reference's "abs" calls torch.abs with two arguments and crashes; refused up front.
+            raise OptionsError(
+                "POD pre-processing 'abs' (--pod_prepro or a 'prepro' entry of --pod_options) is broken "
+                "in the reference and not supported. Use pow (default), none or relu."
+            )
+        if prepro is not None and prepro not in POD_PREPROS:
+            raise OptionsError(
+                f"Unknown POD pre-processing {prepro!r} (--pod_prepro or a 'prepro' entry of "
+                "--pod_options). Use pow (default), none or relu."
+            )
+
+
+def _check_unsupported(opts: argparse.Namespace) -> None:
+    if opts.data_masking == "all":
+        raise OptionsError(
+            "--data_masking all is not implemented (the reference raises NotImplementedError). "
+            "Use current (default), current+old or new."
+        )
+    if opts.no_mask and opts.dataset == "voc":
+        raise OptionsError(
+            "--no_mask is not supported for VOC (the reference stops on an assertion). Leave it out, "
+            "or choose how VOC labels are masked with --data_masking current|current+old|new."
+        )
+    if opts.exkd_gt or opts.exkd_sum:
+        raise OptionsError(
+            "--exkd_gt/--exkd_sum (excluded knowledge distillation) crash in the reference training "
+            "loop (Q16) and are not supported. Remove them; use --loss_kd with --unkd, --lgkd or plain KD."
+        )
+    if opts.init_multimodal is not None and opts.init_multimodal.endswith("_init"):
+        raise OptionsError(
+            f"--init_multimodal {opts.init_multimodal} is broken in the reference (Q21) and not "
+            "supported. Use max, softmax, max_remove or softmax_remove."
+        )
+    if opts.multimodal_fusion not in MULTIMODAL_FUSIONS:
+        raise OptionsError(
+            f"Unknown --multimodal_fusion {opts.multimodal_fusion!r}. Use one of: "
+            f"{', '.join(MULTIMODAL_FUSIONS)}."
+        )
+
+
+def validate_options(opts: argparse.Namespace) -> None:
+    """Refuse, before any work, options that cannot work (called after :func:`modify_command_options`).
+
+    Raises:
+        TaskError: the task does not exist for the dataset, or the step is out of range.
+        OptionsError: an option (combination) the reference does not implement or crashes on.
+    """
+    tasks.get_task_labels(opts.dataset, opts.task, opts.step)
+    _check_unsupported(opts)
+    _check_pseudo(opts.pseudo)
+    _check_pod(opts)
+
+
+def _options_dict(opts: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
+    return dict(opts) if isinstance(opts, Mapping) else dict(vars(opts))
+
+
+def save_options(opts: argparse.Namespace | Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write the (resolved) options as sorted, indented JSON, atomically (temp file + ``os.replace``).
+
+    Values JSON cannot represent (e.g. ``Path``) are written as strings. Parent directories are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_options_dict(opts), sort_keys=True, indent=2, default=str) + "\n"
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; the dump is an ordinary, shareable log file
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def load_options(path: str | os.PathLike[str]) -> argparse.Namespace:
+    """Read options written by :func:`save_options` back into a ``Namespace``."""
+    with open(path, encoding="utf-8") as handle:
+        return argparse.Namespace(**json.load(handle))

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# ADE20k: PLOP, 100-50.
+# Usage: DATA_ROOT=/path/to/data_root [NB_GPU=2] bash scripts/ade/plop_ade_100-50.sh
+# Batch sizes are per GPU (the paper setting used 2 GPUs).
+# Skip training step 0 with an already trained step-0 model (e.g. the released 100-50-ade.pth):
+#   STEP0_CKPT=path/to/100-50-ade.pth DATA_ROOT=... bash scripts/ade/plop_ade_100-50.sh
+# Step 0 then only evaluates it (--ckpt STEP0_CKPT --test, which writes its results-CSV row) and
+# step 1 starts from it (--step_ckpt STEP0_CKPT).
+# Other variables (DRY_RUN, EXTRA_ARGS, PYTHON): see scripts/lib/common.sh.
+set -euo pipefail
+source "$(dirname "$0")/../lib/common.sh"
+
+setup_experiment ade 100-50 PLOP PLOP
+for step in 0 1; do
+    if (( step == 0 )); then
+        run_step "$step" --batch_size 6 --epochs 60 --lr 0.02
+    else
+        run_step "$step" --batch_size 6 --epochs 60 --lr 0.002
+    fi
+done
+summarize_results

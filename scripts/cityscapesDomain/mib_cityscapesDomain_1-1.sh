@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Cityscapes domains (cities): MiB-style run (method FT + plain KD), one city per step.
+# Usage: DATA_ROOT=/path/to/cityscapes [NB_GPU=2] bash scripts/cityscapesDomain/mib_cityscapesDomain_1-1.sh
+# Batch sizes are per GPU (the paper setting used 2 GPUs).
+# Skip training step 0 with an already trained step-0 model:
+#   STEP0_CKPT=path/to/step0_model.pth DATA_ROOT=... bash scripts/cityscapesDomain/mib_cityscapesDomain_1-1.sh
+# Step 0 then only evaluates it (--ckpt STEP0_CKPT --test, which writes its results-CSV row) and
+# step 1 starts from it (--step_ckpt STEP0_CKPT).
+# Other variables (DRY_RUN, EXTRA_ARGS, PYTHON): see scripts/lib/common.sh.
+set -euo pipefail
+source "$(dirname "$0")/../lib/common.sh"
+
+setup_experiment cityscapes_domain 1-1 MiB FT checkpoints/step/
+for step in $(seq 0 20); do
+    if (( step == 0 )); then
+        run_step "$step" --batch_size 12 --epochs 50 --lr 0.01 --loss_kd 10.0
+    else
+        run_step "$step" --batch_size 12 --epochs 50 --lr 0.001 --loss_kd 10.0
+    fi
+done
+summarize_results

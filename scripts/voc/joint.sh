@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Pascal VOC 2012: joint (offline) training on all 21 classes, upper bound.
+# Usage: DATA_ROOT=/path/to/data_root [NB_GPU=2] bash scripts/voc/joint.sh
+# Batch size is per GPU (the paper setting used 2 GPUs).
+# STEP0_CKPT=path/to/model.pth only evaluates that model (--ckpt STEP0_CKPT --test) instead of training.
+# Other variables (DRY_RUN, EXTRA_ARGS, PYTHON): see scripts/lib/common.sh.
+set -euo pipefail
+source "$(dirname "$0")/../lib/common.sh"
+
+setup_experiment voc offline Joint FT
+run_step 0 --batch_size 8 --epochs 30 --lr 0.01

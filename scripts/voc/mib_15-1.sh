@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Pascal VOC 2012: MiB, 15-1 (task 15-5s).
+# Usage: DATA_ROOT=/path/to/data_root [NB_GPU=2] bash scripts/voc/mib_15-1.sh
+# Batch sizes are per GPU (the paper setting used 2 GPUs).
+# Skip training step 0 with an already trained step-0 model (e.g. the released 15-x-voc.pth):
+#   STEP0_CKPT=path/to/15-x-voc.pth DATA_ROOT=... bash scripts/voc/mib_15-1.sh
+# Step 0 then only evaluates it (--ckpt STEP0_CKPT --test, which writes its results-CSV row) and
+# step 1 starts from it (--step_ckpt STEP0_CKPT).
+# Other variables (DRY_RUN, EXTRA_ARGS, PYTHON): see scripts/lib/common.sh.
+set -euo pipefail
+source "$(dirname "$0")/../lib/common.sh"
+
+setup_experiment voc 15-5s MiB MiB
+for step in 0 1 2 3 4 5; do
+    if (( step == 0 )); then
+        run_step "$step" --batch_size 12 --epochs 30 --lr 0.01
+    else
+        run_step "$step" --batch_size 12 --epochs 30 --lr 0.001
+    fi
+done
+summarize_results
