@@ -1,0 +1,220 @@
+"""Streaming semantic-segmentation metrics (§9).
+
+The confusion matrix lives on the device the predictions come from and is filled with one
+``torch.bincount`` per batch, so evaluation never copies label maps to the CPU or loops over images in
+Python. The summary statistics are computed once, in float64 on the CPU, with the reference's ε
+arithmetic so that the results CSV and ``average_csv.py`` stay comparable with published numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from utils.distributed import all_reduce_sum
+
+# Reference behaviour (§9): ε added to the per-class denominators (not to the Overall Acc one).
+EPS = 1e-6
+
+ABSENT = "X"  # value of "Class IoU"/"Class Acc" for classes absent from the ground truth
+
+ArrayLike = torch.Tensor | np.ndarray
+
+
+def _as_tensor(x: ArrayLike) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+class StreamSegMetrics:
+    """Confusion-matrix metrics accumulated batch by batch.
+
+    ``Hist[gt, pred]`` counts pixels (rows = ground truth, columns = prediction) whose ground truth is a
+    valid class ``0 <= gt < n_classes``; the ignore label 255 (and anything else outside the range) is
+    skipped. Counts are int64, hence exact however many pixels are evaluated.
+
+    Args:
+        n_classes: number of classes of the metric (all classes seen so far, §7.1).
+        device: where the confusion matrix lives. ``None`` = the device of the first batch passed to
+            :meth:`update` (the model's device in evaluation), CPU for numpy input.
+    """
+
+    def __init__(self, n_classes: int, device: torch.device | str | None = None) -> None:
+        if n_classes <= 0:
+            raise ValueError(f"n_classes must be positive, got {n_classes}")
+        self.n_classes = int(n_classes)
+        self.device: torch.device | None = torch.device(device) if device is not None else None
+        self._hist: torch.Tensor | None = None
+        self.total_samples = 0
+        self._synched = False
+
+    @property
+    def confusion_matrix(self) -> torch.Tensor:
+        """The raw (n, n) int64 count matrix, on the metric's device."""
+        if self._hist is None:
+            device = self.device if self.device is not None else torch.device("cpu")
+            self._hist = torch.zeros(self.n_classes, self.n_classes, dtype=torch.int64, device=device)
+            self.device = device
+        return self._hist
+
+    def reset(self) -> None:
+        """Forget everything accumulated (the device is kept)."""
+        if self._hist is not None:
+            self._hist.zero_()
+        self.total_samples = 0
+        self._synched = False
+
+    def update(self, label_trues: ArrayLike, label_preds: ArrayLike) -> None:
+        """Add one batch.
+
+        Args:
+            label_trues: ground truth, (B, H, W) integer tensor or array (uint8 or long; 255 = ignore).
+                A single (H, W) map counts as one image.
+            label_preds: predicted class indices of the same shape, in ``[0, n_classes)``.
+        """
+        if self._synched:
+            raise RuntimeError(
+                "StreamSegMetrics.update() after synch(): the matrix already holds the sum over all ranks; "
+                "call reset() before accumulating a new evaluation."
+            )
+        gt = _as_tensor(label_trues)
+        pred = _as_tensor(label_preds)
+        if gt.shape != pred.shape:
+            raise ValueError(f"labels {tuple(gt.shape)} and predictions {tuple(pred.shape)} differ in shape")
+        if self._hist is None and self.device is None:
+            self.device = gt.device
+        hist = self.confusion_matrix
+        n = self.n_classes
+        gt = gt.to(hist.device, non_blocking=True).reshape(-1)
+        pred = pred.to(hist.device, non_blocking=True).reshape(-1)
+        if pred.numel():
+            # An out-of-range prediction would silently land in another cell of the flat index.
+            low, high = torch.aminmax(pred)
+            if bool(low < 0) or bool(high >= n):
+                raise ValueError(
+                    f"predictions outside [0, {n}) cannot be counted in a {n}-class confusion matrix"
+                )
+        invalid = (gt < 0) | (gt >= n)  # 255 and any label of a class the metric does not know
+        # index = n*gt + pred, (B*H*W,) int64, built in place to keep to one large allocation; invalid
+        # pixels go to an extra bin n*n that is dropped below. One bincount, no boolean indexing (which
+        # would force a device sync and a copy).
+        index = gt.long() * n
+        index += pred.long()
+        index.masked_fill_(invalid, n * n)
+        counts = torch.bincount(index, minlength=n * n + 1)  # (n*n + 1,)
+        hist += counts[: n * n].view(n, n)
+        self.total_samples += _num_images(label_trues)
+
+    def synch(self, device: torch.device | str | None = None) -> None:
+        """Sum the confusion matrix and the sample count over all ranks, once.
+
+        Uses an all-reduce, so every rank ends with the global result (identity with one process).
+        Calling it again before :meth:`reset` does nothing, so nothing is counted twice.
+
+        Args:
+            device: device on which the reduction runs (a CUDA device with NCCL); ``None`` = the
+                matrix's device. The matrix stays there afterwards.
+
+        Reference behaviour (§9): the reference reduces to rank 0 only; all ranks agree here.
+        """
+        if self._synched:
+            return
+        hist = self.confusion_matrix
+        if device is not None:
+            hist = hist.to(device)
+        n = self.n_classes
+        # One collective: (n*n + 1,) int64 = flattened matrix followed by the sample count.
+        packed = torch.cat([hist.reshape(-1), hist.new_tensor([self.total_samples])])
+        all_reduce_sum(packed)
+        self._hist = packed[: n * n].view(n, n).clone()
+        self.device = self._hist.device
+        self.total_samples = int(packed[n * n].item())
+        self._synched = True
+
+    def get_results(self) -> dict[str, Any]:
+        """Summary statistics of the accumulated matrix (§9), keys in the reference order.
+
+        Means run over the classes present in the ground truth only (row sum > 0); classes absent from
+        it get ``"X"`` in "Class IoU" / "Class Acc" even when they were predicted.
+        "Confusion Matrix" is the row-normalised matrix as a numpy array; draw it with
+        :func:`confusion_matrix_to_fig`.
+        """
+        hist = self.confusion_matrix.detach().cpu().numpy().astype(np.float64)
+        gt_sum = hist.sum(axis=1)
+        pred_sum = hist.sum(axis=0)
+        diag = np.diag(hist)
+        present = gt_sum != 0
+        total = hist.sum()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # Empty matrix: Overall/Mean/FreqW are nan, as in the reference (a warning-free nan here).
+            overall_acc = diag.sum() / total
+            acc_cls = diag / (gt_sum + EPS)
+            iou = diag / (gt_sum + pred_sum - diag + EPS)
+            freq = gt_sum / total
+            mean_acc = acc_cls[present].mean() if present.any() else np.float64(np.nan)
+            mean_iou = iou[present].mean() if present.any() else np.float64(np.nan)
+            freq_pos = freq > 0
+            fwavacc = (freq[freq_pos] * iou[freq_pos]).sum() if total > 0 else np.float64(np.nan)
+            normalised = hist / (gt_sum[:, None] + EPS)
+        class_iou = {c: (iou[c] if present[c] else ABSENT) for c in range(self.n_classes)}
+        class_acc = {c: (acc_cls[c] if present[c] else ABSENT) for c in range(self.n_classes)}
+        return {
+            "Total samples": self.total_samples,
+            "Overall Acc": overall_acc,
+            "Mean Acc": mean_acc,
+            "FreqW Acc": fwavacc,
+            "Mean IoU": mean_iou,
+            "Class IoU": class_iou,
+            "Class Acc": class_acc,
+            "Confusion Matrix": normalised,
+        }
+
+    @staticmethod
+    def to_str(results: dict[str, Any]) -> str:
+        """The reference's text summary (§9): scalar lines, then one line per class IoU and Acc."""
+        skip = {"Class IoU", "Class Acc", "Confusion Matrix"}
+        lines = [""]
+        lines += [f"{key}: {float(value):f}" for key, value in results.items() if key not in skip]
+        lines.append("Class IoU:")
+        lines += [f"\tclass {c}: {value}" for c, value in results["Class IoU"].items()]
+        lines.append("Class Acc:")
+        lines += [f"\tclass {c}: {value}" for c, value in results["Class Acc"].items()]
+        return "\n".join(lines) + "\n"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n_classes={self.n_classes}, device={self.device})"
+
+
+def _num_images(labels: ArrayLike) -> int:
+    # (B, H, W) -> B images; a lone (H, W) map is one image.
+    return int(labels.shape[0]) if labels.ndim >= 3 else 1
+
+
+def confusion_matrix_to_fig(matrix: np.ndarray | torch.Tensor) -> Figure:
+    """Draw a (row-normalised) confusion matrix as the reference figure (§9).
+
+    Built on a bare :class:`matplotlib.figure.Figure` with the Agg canvas, so no pyplot state (and no
+    GUI backend) is involved and the figure is freed when the caller drops it.
+
+    Args:
+        matrix: (n, n) array, rows = ground truth, columns = prediction
+            (``get_results()["Confusion Matrix"]``).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if isinstance(matrix, torch.Tensor):
+        matrix = matrix.detach().cpu().numpy()
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, interpolation="nearest", cmap="Blues")
+    fig.colorbar(image, ax=ax)
+    ax.set_title("Confusion Matrix")
+    ax.set_ylabel("True label")
+    ax.set_xlabel("Predicted label")
+    fig.tight_layout()
+    return fig

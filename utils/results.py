@@ -1,0 +1,123 @@
+"""Results CSV (§10.3): one line ``step,IoU_0,...,IoU_{K-1},MeanIoU`` per incremental step."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from utils.errors import OptionsError
+
+ABSENT = "X"  # class absent from the test ground truth
+NOT_LEARNED = "x"  # class index beyond the current metric size
+
+
+def _check_component(label: str, value: str) -> str:
+    value = str(value)
+    bad = (
+        "/" in value
+        or "\\" in value
+        or (os.sep in value)
+        or (os.altsep is not None and os.altsep in value)
+        or "\x00" in value
+        or value in {".", ".."}
+        or os.path.isabs(value)
+    )
+    if bad:
+        raise OptionsError(
+            f"--{label} {value!r} cannot be part of the results file name: it contains a path separator, "
+            f"'..', a NUL byte or is an absolute path, which could write outside the results folder. "
+            f"Use a plain name (letters, digits, '-', '_', '.')."
+        )
+    return value
+
+
+def results_csv_path(results_dir: str | os.PathLike, date: str, dataset: str, task: str, name: str) -> Path:
+    """``{results_dir}/{date}_{dataset}_{task}_{name}.csv`` (§10.3; an empty date gives a leading ``_``).
+
+    Raises:
+        OptionsError: a component contains a path separator, NUL, is ``.``/``..`` or absolute.
+    """
+    parts = [
+        _check_component(label, value)
+        for label, value in (("date", date), ("dataset", dataset), ("task", task), ("name", name))
+    ]
+    return Path(results_dir) / f"{'_'.join(parts)}.csv"
+
+
+def format_results_row(step: int, score: Mapping[str, Any], num_classes: int) -> list[str]:
+    """The CSV fields of one step: ``[step, IoU_0, ..., IoU_{num_classes-1}, MeanIoU]`` as strings.
+
+    Each IoU is ``str()`` of the metric value (``"X"`` when the class is absent from the test ground
+    truth, as ``StreamSegMetrics`` reports it), or ``"x"`` when the class index is beyond the current
+    metric size (not learned yet).
+
+    Args:
+        step: incremental step.
+        score: ``StreamSegMetrics.get_results()`` (needs "Class IoU" and "Mean IoU").
+        num_classes: classes of the dataset (21 VOC, 151 ADE, 19 Cityscapes domains).
+    """
+    class_iou = score["Class IoU"]
+    row = [str(step)]
+    row += [str(class_iou[c]) if c in class_iou else NOT_LEARNED for c in range(num_classes)]
+    row.append(str(score["Mean IoU"]))
+    return row
+
+
+def _row_step(line: str) -> int | None:
+    try:
+        return int(line.split(",", 1)[0])
+    except ValueError:
+        return None
+
+
+def write_results_row(path: str | os.PathLike, step: int, row: Sequence[str]) -> None:
+    """Write the row of ``step`` into the CSV at ``path``, atomically.
+
+    Existing rows are kept; a row of the same step is replaced instead of duplicated, and rows are kept
+    sorted by step. The new content goes to a temporary file in the same folder, then ``os.replace``
+    swaps it in, so a crash never leaves a half-written CSV.
+
+    Reference behaviour (§10.3): the reference appends a line per run. For the scripts' normal use (file
+    deleted first, steps run in order) the file is identical; re-running a step no longer leaves a
+    duplicate row that ``average_csv.py`` rejects. Lines without an integer step (none are written by
+    this project) are kept at the top, in their order.
+
+    Args:
+        path: the CSV file (parent folders are created).
+        step: the step of ``row``.
+        row: the fields from :func:`format_results_row`; ``row[0]`` must be ``str(step)``.
+    """
+    row = [str(field) for field in row]
+    if not row or row[0] != str(step):
+        raise ValueError(f"row must start with its step {step}, got {row[:1]}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    others: list[str] = []
+    by_step: dict[int, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            line_step = _row_step(line)
+            if line_step is None:
+                others.append(line)
+            else:
+                by_step[line_step] = line
+    by_step[int(step)] = ",".join(row)
+    lines = others + [by_step[s] for s in sorted(by_step)]
+    # mkstemp creates the file 0600; keep the mode of the file we replace (0644 for a new one).
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_name, mode)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
