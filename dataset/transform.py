@@ -1,0 +1,285 @@
+"""Paired image/label transforms (§4.6), written with PIL and torch only.
+
+Every transform takes and returns an ``(image, label)`` pair and applies the same geometry to both:
+the image is resampled bilinearly, the label with nearest neighbour so that no new class values appear.
+Until :class:`ToTensor` both are PIL images; afterwards the image is a float tensor ``(3, H, W)`` in
+[0, 1] (then normalised) and the label a ``uint8`` tensor ``(H, W)``.
+
+The arithmetic follows torchvision's functional PIL backend (the reference calls it), so crops and
+resized pixels are identical: RandomResizedCrop samples with python ``random`` exactly as the
+reference does, Resize computes the long side as ``int(size * long / short)``, CenterCrop rounds the
+offset with ``int(round(...))``, and ToTensor divides by 255 after the float conversion.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+#: ImageNet statistics used by every reference preset.
+MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+Pair = tuple[Any, Any]
+
+
+def _pair_size(size: int | Sequence[int]) -> tuple[int, int]:
+    """``size`` as (height, width); an int means a square."""
+    if isinstance(size, int):
+        return size, size
+    if len(size) == 1:
+        return int(size[0]), int(size[0])
+    return int(size[0]), int(size[1])
+
+
+def crop(img: Image.Image, top: int, left: int, height: int, width: int) -> Image.Image:
+    """PIL crop with torchvision's argument order (areas outside the image are filled with 0)."""
+    return img.crop((left, top, left + width, top + height))
+
+
+def resize_shorter_side(img: Image.Image, size: int, resample: int) -> Image.Image:
+    """Resize so that the shorter side equals ``size``, keeping the aspect ratio as torchvision does.
+
+    torchvision truncates the long side (``int(size * long / short)``) and returns the image unchanged
+    when the short side already equals ``size``.
+    """
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    if short == size:
+        return img
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    return img.resize((new_w, new_h), resample)
+
+
+class Compose:
+    """Apply paired transforms in order."""
+
+    def __init__(self, transforms: Sequence[Callable[[Any, Any], Pair]]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, img: Any, lbl: Any) -> Pair:
+        for t in self.transforms:
+            img, lbl = t(img, lbl)
+        return img, lbl
+
+    def __repr__(self) -> str:
+        inner = "".join(f"\n    {t}" for t in self.transforms)
+        return f"{type(self).__name__}({inner}\n)"
+
+
+class RandomResizedCrop:
+    """Crop a random area/aspect-ratio region and resize it to ``size`` (image bilinear, label nearest).
+
+    Args:
+        size: output size (int for a square, or (height, width)).
+        scale: range of the crop area as a fraction of the image area.
+        ratio: range of the crop aspect ratio (width / height).
+        interpolation: PIL resampling filter for the image.
+    """
+
+    def __init__(
+        self,
+        size: int | Sequence[int],
+        scale: tuple[float, float] = (0.5, 2.0),
+        ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+        interpolation: int = Image.BILINEAR,
+    ) -> None:
+        self.size = _pair_size(size)
+        self.scale = scale
+        self.ratio = ratio
+        self.interpolation = interpolation
+
+    @staticmethod
+    def get_params(
+        img: Image.Image, scale: tuple[float, float], ratio: tuple[float, float]
+    ) -> tuple[int, int, int, int]:
+        """Sample ``(top, left, height, width)`` of the crop with python ``random``.
+
+        Reference behaviour (§4.6 / Q11): ``scale`` is an area fraction and the reference passes
+        (0.5, 2.0), so every draw above 1 fails to fit and the centred fallback is common.
+        """
+        width, height = img.size
+        area = width * height
+        log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        for _ in range(10):
+            target_area = random.uniform(*scale) * area
+            aspect_ratio = math.exp(random.uniform(*log_ratio))
+            w = int(round(math.sqrt(target_area * aspect_ratio)))
+            h = int(round(math.sqrt(target_area / aspect_ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                top = random.randint(0, height - h)
+                left = random.randint(0, width - w)
+                return top, left, h, w
+        # Fallback: the largest centred crop whose aspect ratio lies inside ``ratio``.
+        in_ratio = width / height
+        if in_ratio < min(ratio):
+            w = width
+            h = int(round(w / min(ratio)))
+        elif in_ratio > max(ratio):
+            h = height
+            w = int(round(h * max(ratio)))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, img: Image.Image, lbl: Image.Image) -> Pair:
+        top, left, h, w = self.get_params(img, self.scale, self.ratio)
+        out_wh = (self.size[1], self.size[0])
+        img = crop(img, top, left, h, w).resize(out_wh, self.interpolation)
+        lbl = crop(lbl, top, left, h, w).resize(out_wh, Image.NEAREST)
+        return img, lbl
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+
+
+class RandomHorizontalFlip:
+    """Flip image and label left-right with probability ``p`` (one ``random.random()`` draw)."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        self.p = p
+
+    def __call__(self, img: Image.Image, lbl: Image.Image) -> Pair:
+        if random.random() < self.p:
+            return img.transpose(Image.FLIP_LEFT_RIGHT), lbl.transpose(Image.FLIP_LEFT_RIGHT)
+        return img, lbl
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p})"
+
+
+class Resize:
+    """Resize the shorter side to ``size`` (int), or to exactly (height, width) for a pair.
+
+    Args:
+        size: target short side, or (height, width).
+        interpolation: PIL resampling filter for the image; the label always uses nearest.
+    """
+
+    def __init__(self, size: int | Sequence[int], interpolation: int = Image.BILINEAR) -> None:
+        self.size = size
+        self.interpolation = interpolation
+
+    def _resize(self, img: Image.Image, resample: int) -> Image.Image:
+        if isinstance(self.size, int):
+            return resize_shorter_side(img, self.size, resample)
+        if len(self.size) == 1:
+            return resize_shorter_side(img, int(self.size[0]), resample)
+        h, w = self.size
+        return img.resize((w, h), resample)
+
+    def __call__(self, img: Image.Image, lbl: Image.Image) -> Pair:
+        return self._resize(img, self.interpolation), self._resize(lbl, Image.NEAREST)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+
+class CenterCrop:
+    """Crop the centre ``size`` region; an image smaller than ``size`` is first zero-padded (torchvision)."""
+
+    def __init__(self, size: int | Sequence[int]) -> None:
+        self.size = _pair_size(size)
+
+    @staticmethod
+    def _pad(img: Image.Image, crop_h: int, crop_w: int) -> Image.Image:
+        w, h = img.size
+        left = (crop_w - w) // 2 if crop_w > w else 0
+        top = (crop_h - h) // 2 if crop_h > h else 0
+        right = (crop_w - w + 1) // 2 if crop_w > w else 0
+        bottom = (crop_h - h + 1) // 2 if crop_h > h else 0
+        canvas = Image.new(img.mode, (w + left + right, h + top + bottom), 0)
+        if img.mode == "P":
+            canvas.putpalette(img.getpalette())
+        canvas.paste(img, (left, top))
+        return canvas
+
+    def _crop(self, img: Image.Image) -> Image.Image:
+        crop_h, crop_w = self.size
+        w, h = img.size
+        if crop_w > w or crop_h > h:
+            img = self._pad(img, crop_h, crop_w)
+            w, h = img.size
+            if crop_w == w and crop_h == h:
+                return img
+        top = int(round((h - crop_h) / 2.0))
+        left = int(round((w - crop_w) / 2.0))
+        return crop(img, top, left, crop_h, crop_w)
+
+    def __call__(self, img: Image.Image, lbl: Image.Image) -> Pair:
+        return self._crop(img), self._crop(lbl)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """HWC uint8 PIL image -> CHW float32 tensor in [0, 1] (torchvision ``to_tensor`` for 8-bit modes)."""
+    arr = np.array(img, dtype=np.uint8, copy=True)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if img.mode == "1":
+        arr = arr * 255
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+
+
+def label_to_tensor(lbl: Image.Image) -> torch.Tensor:
+    """PIL label -> ``(H, W)`` uint8 tensor of its raw values (no scaling)."""
+    return torch.from_numpy(np.array(lbl, dtype=np.uint8))
+
+
+class ToTensor:
+    """Image -> float tensor (C, H, W) in [0, 1]; label -> uint8 tensor (H, W)."""
+
+    def __call__(self, img: Image.Image, lbl: Image.Image) -> Pair:
+        return image_to_tensor(img), label_to_tensor(lbl)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Normalize:
+    """Normalise the image tensor channel-wise, ``(x - mean) / std``; the label passes through."""
+
+    def __init__(self, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> None:
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+
+    def __call__(self, img: torch.Tensor, lbl: Any) -> Pair:
+        mean = torch.as_tensor(self.mean, dtype=img.dtype, device=img.device).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=img.dtype, device=img.device).view(-1, 1, 1)
+        return (img - mean) / std, lbl
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
+
+
+def train_transform(crop_size: int) -> Compose:
+    """Reference training preset (§4.6): random resized crop, flip, to tensor, ImageNet normalisation."""
+    return Compose([
+        RandomResizedCrop(crop_size, scale=(0.5, 2.0)),
+        RandomHorizontalFlip(),
+        ToTensor(),
+        Normalize(MEAN, STD),
+    ])
+
+
+def val_transform(crop_size: int, crop_val: bool = True) -> Compose:
+    """Reference val/test preset (§4.6).
+
+    Args:
+        crop_size: short side after resizing and side of the centre crop.
+        crop_val: the ``--crop_val`` option (default True). False keeps full images (loader batch 1).
+
+    Reference behaviour (§4.6 / Q2): evaluation happens on the centre crop, not on the full image.
+    """
+    if crop_val:
+        return Compose([Resize(crop_size), CenterCrop(crop_size), ToTensor(), Normalize(MEAN, STD)])
+    return Compose([ToTensor(), Normalize(MEAN, STD)])
