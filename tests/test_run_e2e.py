@@ -171,3 +171,72 @@ def test_kill_and_resume_matches_uninterrupted(voc_root: Path, tmp_path: Path) -
     b = torch.load(tmp_path / "ckpt" / "15-5s-voc_resumed_1.pth", weights_only=True)["model_state"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(voc_root: Path, tmp_path: Path) -> None:
+    run_cmd(common_args(voc_root, tmp_path, "nan", 0, **{"--epochs": "1"}))
+    best = tmp_path / "ckpt" / "15-5s-voc_nan_0.pth"
+    before = best.read_bytes()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    args = common_args(voc_root, tmp_path, "nan", 0, **{"--lr": "1e30"}) + ["--no_resume"]
+    proc = subprocess.run(
+        [PY, "run.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "Non-finite loss" in proc.stderr and "iteration" in proc.stderr and "CE=" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert best.read_bytes() == before
+
+
+def _worker_pids(name: str) -> dict[int, int]:
+    """pid of each torchrun worker (by LOCAL_RANK) whose command line holds --name ``name``."""
+    pids = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"run.py" not in cmdline or name.encode() not in cmdline:
+            continue
+        local = [e for e in environ if e.startswith(b"LOCAL_RANK=")]
+        if local:
+            pids[int(local[0].split(b"=")[1])] = int(entry.name)
+    return pids
+
+
+def test_torchrun_restarts_a_killed_worker_and_resumes(voc_root: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    launcher = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        "--master_port=29533",
+    ]
+    args = common_args(voc_root, tmp_path, "elastic", 0, **{"--batch_size": "2", "--epochs": "3"})
+    proc = subprocess.Popen(
+        [*launcher, "run.py", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    last = tmp_path / "ckpt" / "15-5s-voc_elastic_0_last.pth"
+    deadline = time.time() + 300
+    while not last.exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    pids = _worker_pids("elastic")
+    assert 1 in pids, pids
+    os.kill(pids[1], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-5000:]
+    assert "Resuming step 0" in out
+    rows = read_rows(tmp_path, "elastic")
+    assert [r[0] for r in rows] == ["0"]
+    assert torch.load(tmp_path / "ckpt" / "15-5s-voc_elastic_0.pth", weights_only=True)["epoch"] == 3

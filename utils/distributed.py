@@ -54,10 +54,38 @@ def init_distributed(device: str | None = None, timeout_s: int = 1800) -> DistIn
     if launched_by_torchrun() and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         kwargs = {"device_id": dev} if use_cuda else {}
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
-            backend=backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s), **kwargs
+            backend=backend,
+            store=_rendezvous_store(timeout),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=timeout,
+            **kwargs,
         )
     return DistInfo(get_rank(), get_world_size(), local_rank, dev)
+
+
+def _rendezvous_store(timeout: datetime.timedelta) -> dist.Store:
+    """The ``env://`` key-value store, namespaced by torchrun's restart count.
+
+    After ``torchrun --max-restarts`` restarts the workers, the store still holds the previous attempt's
+    keys, and gloo would try to connect to the dead workers' addresses. A prefix per attempt keeps each
+    attempt's process group to itself.
+    """
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # Under torchrun the agent hosts the store; launched otherwise, rank 0 hosts it.
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size=world,
+        is_master=(rank == 0 and not agent_store),
+        timeout=timeout,
+        wait_for_workers=False,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"lgkd/attempt_{attempt}", store)
 
 
 def is_dist_avail_and_initialized() -> bool:
