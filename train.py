@@ -265,7 +265,8 @@ class Trainer:
         if not torch.is_tensor(penalty):
             return torch.zeros((), device=self.device)
         reg_loss = self.reg_importance * penalty
-        if reg_loss.requires_grad and reg_loss.detach().abs().sum() != 0:
+        # No host sync here: a penalty with nothing to penalise comes back without a graph.
+        if reg_loss.requires_grad:
             params = [p for p in self.model_without_ddp.parameters() if p.requires_grad]
             grads = torch.autograd.grad(reg_loss, params, allow_unused=True)
             for p, g in zip(params, grads):
