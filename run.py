@@ -9,7 +9,6 @@ An interrupted step resumes from its last finished epoch when the same command i
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import math
 import os
@@ -618,16 +617,13 @@ def load_test_model(opts: Any, device: torch.device) -> tuple[nn.Module, Path, i
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python run.py ...``: 0 on success, 2 for bad input (UserError), 3 when training diverged."""
     opts = modify_command_options(get_argparser().parse_args(argv))
     try:
         validate_options(opts)
-        opts = copy.copy(opts)
         run_step(opts)
-    except UserError as err:
-        if dist_utils.is_main_process():
-            print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except TrainingError as err:
+    except (UserError, TrainingError) as err:
+        # One paragraph naming the problem and the fix, no traceback; printed once, by rank 0.
         if dist_utils.is_main_process():
             print(f"error: {err}", file=sys.stderr)
         return err.exit_code
