@@ -1,0 +1,767 @@
+#!/usr/bin/env python3
+"""Continual semantic segmentation on your CPU: VOC 15-1 (task ``15-5s``) with FT, MiB, PLOP and LGKD.
+
+``make demo`` runs this script. It
+
+1. writes a small synthetic data set in the Pascal VOC layout with ``data/make_synthetic.py``
+   (under ``data/synthetic_demo/``, once);
+2. trains step 0 (background + classes 1-15) once, with a ResNet-18 DeepLabV3 from scratch, and shares it
+   between the methods, as the experiment scripts do with a released step-0 model (``STEP0_CKPT``, §11):
+   each method evaluates it with ``--test --ckpt STEP0`` (its step-0 CSV row) and starts step 1 with
+   ``--step_ckpt STEP0``;
+3. runs steps 1-5 (one new class each) for every method, each step one ``run.py`` process with the
+   options of ``scripts/voc/*_15-1.sh`` (``--overlap``, the ``--method`` preset, LGKD's ``--prev_kd 1
+   --novel_kd 0``), fp32 (``--opt_level O0``) and a small backbone, crop and data set;
+4. prints the final background / old / new / all mIoU per method (``average_csv.summarize``) and the
+   all-class mIoU after each step, writes ``summary.json`` and PNG figures under ``results/demo/``.
+
+Every method gets the same settings (:data:`FULL`); nothing is tuned per method. Finished steps are not
+run again: rerunning the script after an interruption (or with other ``--methods``) continues, and
+``run.py`` itself resumes an interrupted step from its last finished epoch.
+
+Usage::
+
+    python scripts/demo.py                      # the whole demo (8.4 minutes measured on 2 CPU cores)
+    python scripts/demo.py --methods FT LGKD    # only these methods (step 0 is reused if already trained)
+    python scripts/demo.py --quick --out /tmp/demo   # tiny smoke configuration (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from utils.demo_report import (  # noqa: E402  (the repository root must be on sys.path first)
+    VOC_CLASS_NAMES,
+    MethodResult,
+    build_summary,
+    copy_figure,
+    format_final_table,
+    format_markdown_table,
+    format_per_step_table,
+    load_method_result,
+    plot_confusion_matrix,
+    plot_final_class_iou,
+    plot_miou_per_step,
+    plot_prediction_grid,
+    write_json,
+)
+
+DATASET = "voc"
+TASK = "15-5s"  # VOC 15-1: classes 0-15 at step 0, then 16, 17, 18, 19, 20 one per step
+NUM_STEPS = 6
+N_STEP0_CLASSES = 16  # background + 15 classes
+N_CLASSES = 21
+DEFAULT_METHODS = ("FT", "MiB", "PLOP", "LGKD")
+ALL_METHODS = ("FT", "LWF", "LWF-MC", "ILT", "EWC", "RW", "PI", "MiB", "PLOP", "LGKD")
+# Per-method arguments beyond --method, at steps >= 1, exactly as the reference scripts pass them
+# (scripts/voc/lgkd_15-1.sh: the LGKD preset leaves --prev_kd / --novel_kd at 10 / 2).
+METHOD_EXTRA_ARGS: dict[str, tuple[str, ...]] = {"LGKD": ("--prev_kd", "1", "--novel_kd", "0")}
+# Step 0 is plain cross-entropy for every method (distillation, pseudo-labels, POD, unbiased CE and the
+# balanced init only act from step 1 on), so one training serves them all; it runs with the FT preset.
+STEP0_NAME = "step0"
+STEP0_METHOD = "FT"
+# Relative cost of a method's steps >= 1 (measured: PLOP and LGKD ~1.6x FT, MiB ~1.3x), to schedule chains.
+CHAIN_COST: dict[str, float] = {"FT": 1.0, "MiB": 1.3, "PLOP": 1.6, "LGKD": 1.6}
+DEMO_DATE = "demo"  # --date: results CSVs are {results_dir}/demo_voc_15-5s_{method}.csv
+DEFAULT_OUT = ROOT / "results" / "demo"
+STATE_FILE = "demo_state.json"
+TIMINGS_FILE = "step_times.json"
+DATA_MARKER = "demo_data.json"
+README_FIGURE = ROOT / "docs" / "images" / "demo_miou.png"
+GRID_IMAGES = 6
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything that defines a demo run; identical for every method.
+
+    Steps >= 1 use ``lr_later`` / ``epochs_later`` / ``batch_later`` like the reference scripts use
+    0.001 / 30 / 12 after 0.01 / 30 / 8 at step 0.
+    """
+
+    num_train: int
+    num_val: int
+    image_size: int
+    data_seed: int
+    crop_size: int
+    batch_step0: int
+    batch_later: int
+    epochs_step0: int
+    epochs_later: int
+    lr_step0: float
+    lr_later: float
+    backbone: str = "resnet18"
+    num_workers: int = 0
+    # Validate only after the last epoch (the reference validates from epoch 30 on, every --val_interval).
+    val_interval: int = 1000
+    random_seed: int = 42
+
+    def data_args(self) -> list[str]:
+        """Arguments of data/make_synthetic.py (besides --dataset and --out)."""
+        return [
+            "--num_train",
+            str(self.num_train),
+            "--num_val",
+            str(self.num_val),
+            "--size",
+            str(self.image_size),
+            "--seed",
+            str(self.data_seed),
+        ]
+
+    def step_args(self, step: int) -> list[str]:
+        """run.py training settings of a step (the same for every method)."""
+        later = step > 0
+        return [
+            "--backbone", self.backbone, "--no_pretrained",
+            "--crop_size", str(self.crop_size),
+            "--batch_size", str(self.batch_later if later else self.batch_step0),
+            "--epochs", str(self.epochs_later if later else self.epochs_step0),
+            "--lr", str(self.lr_later if later else self.lr_step0),
+            "--num_workers", str(self.num_workers),
+            "--val_interval", str(self.val_interval),
+            "--random_seed", str(self.random_seed),
+        ]  # fmt: skip
+
+
+# The demo: 8.4 minutes measured on 2 CPU cores, data generation included (README "What the demo shows").
+FULL = DemoSettings(
+    num_train=480, num_val=100, image_size=96, data_seed=0, crop_size=64,
+    batch_step0=16, batch_later=8, epochs_step0=12, epochs_later=6, lr_step0=0.01, lr_later=0.001,
+)  # fmt: skip
+# A smoke test of the whole pipeline in about a minute per method: the numbers mean nothing.
+QUICK = DemoSettings(
+    num_train=120, num_val=30, image_size=48, data_seed=0, crop_size=32,
+    batch_step0=4, batch_later=4, epochs_step0=1, epochs_later=1, lr_step0=0.01, lr_later=0.001,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    """Where the demo reads and writes (all under ``out`` except the data)."""
+
+    out: Path
+    data_root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def logs(self) -> Path:
+        return self.out / "logs"
+
+    @property
+    def csv(self) -> Path:
+        return self.out / "csv"
+
+    @property
+    def cache(self) -> Path:
+        return self.out / "cache"
+
+    @property
+    def stdout(self) -> Path:
+        return self.out / "stdout"
+
+    def generated(self) -> list[Path]:
+        """The folders the demo creates in ``out`` (removed when the settings change)."""
+        return [self.checkpoints, self.logs, self.csv, self.cache, self.stdout]
+
+    def step_checkpoint(self, name: str, step: int) -> Path:
+        return self.checkpoints / f"{TASK}-{DATASET}_{name}_{step}.pth"
+
+    def last_epoch_checkpoint(self, name: str, step: int) -> Path:
+        return self.checkpoints / f"{TASK}-{DATASET}_{name}_{step}_last.pth"
+
+    def results_csv(self, name: str) -> Path:
+        return self.csv / f"{DEMO_DATE}_{DATASET}_{TASK}_{name}.csv"
+
+    def step_options(self, name: str, step: int) -> Path:
+        return self.logs / f"{TASK}-{DATASET}" / name / f"step{step}" / "opts.json"
+
+
+@dataclass(frozen=True)
+class StepCommand:
+    """One run.py call of the demo."""
+
+    name: str  # experiment name (--name): a method, or STEP0_NAME
+    method: str
+    step: int
+    kind: str  # "train" or "test"
+    argv: tuple[str, ...]
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def display_path(path: Path) -> str:
+    """``path`` relative to the repository root when inside it (commands run with cwd = root).
+
+    Symbolic links are not resolved, so ``.venv/bin/python`` stays the virtual environment's interpreter.
+    """
+    absolute = Path(os.path.abspath(path))
+    try:
+        return str(absolute.relative_to(ROOT))
+    except ValueError:
+        return str(absolute)
+
+
+def python_executable() -> str:
+    return display_path(Path(sys.executable))
+
+
+def common_args(paths: DemoPaths, name: str, method: str, step: int) -> list[str]:
+    """Arguments every demo step shares: the reference scripts' (overlap, O0 on CPU) plus output folders."""
+    return [
+        "--data_root", display_path(paths.data_root), "--dataset", DATASET, "--task", TASK, "--overlap",
+        "--name", name, "--method", method, "--step", str(step), "--opt_level", "O0", "--device", "cpu",
+        "--date", DEMO_DATE, "--checkpoint", display_path(paths.checkpoints),
+        "--logdir", display_path(paths.logs), "--results_dir", display_path(paths.csv),
+        "--cache_dir", display_path(paths.cache), "--no_progress",
+    ]  # fmt: skip
+
+
+def step0_command(settings: DemoSettings, paths: DemoPaths) -> StepCommand:
+    """Train the shared step 0."""
+    argv = [
+        python_executable(),
+        "run.py",
+        *common_args(paths, STEP0_NAME, STEP0_METHOD, 0),
+        *settings.step_args(0),
+    ]
+    return StepCommand(STEP0_NAME, STEP0_METHOD, 0, "train", tuple(argv))
+
+
+def method_commands(method: str, settings: DemoSettings, paths: DemoPaths) -> list[StepCommand]:
+    """A method's chain: step 0 evaluated from the shared model, then steps 1..5 trained.
+
+    This is the scripts' STEP0_CKPT path (§11): ``--ckpt STEP0 --test`` writes the step-0 CSV row and
+    ``--step_ckpt STEP0`` makes step 1 start from it; later steps load the previous step of this method.
+    """
+    step0 = display_path(paths.step_checkpoint(STEP0_NAME, 0))
+    python = python_executable()
+    commands = [
+        StepCommand(method, method, 0, "test", (
+            python, "run.py", *common_args(paths, method, method, 0), *settings.step_args(0),
+            "--ckpt", step0, "--test",
+        )),
+    ]  # fmt: skip
+    for step in range(1, NUM_STEPS):
+        argv = [python, "run.py", *common_args(paths, method, method, step), *settings.step_args(step)]
+        argv += METHOD_EXTRA_ARGS.get(method, ())
+        if step == 1:
+            argv += ["--step_ckpt", step0]
+        commands.append(StepCommand(method, method, step, "train", tuple(argv)))
+    return commands
+
+
+def synthetic_data_command(settings: DemoSettings, paths: DemoPaths) -> list[str]:
+    return [
+        python_executable(),
+        "data/make_synthetic.py",
+        "--dataset",
+        DATASET,
+        "--out",
+        display_path(paths.data_root),
+        *settings.data_args(),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- state
+def csv_steps(path: Path) -> set[int]:
+    """Steps that have a row in a results CSV."""
+    if not path.is_file():
+        return set()
+    steps = set()
+    for line in path.read_text().splitlines():
+        head = line.split(",", 1)[0].strip()
+        if head.isdigit():
+            steps.add(int(head))
+    return steps
+
+
+def step_done(command: StepCommand, paths: DemoPaths) -> bool:
+    """Whether a step finished with its model on disk: CSV row written, and for training its best
+    checkpoint and no unfinished-epoch checkpoint (``run.py`` deletes ``*_last.pth`` at the end)."""
+    if command.step not in csv_steps(paths.results_csv(command.name)):
+        return False
+    if command.kind == "test":
+        return True
+    return (
+        paths.step_checkpoint(command.name, command.step).is_file()
+        and not paths.last_epoch_checkpoint(command.name, command.step).exists()
+    )
+
+
+def first_step_to_run(commands: Sequence[StepCommand], paths: DemoPaths) -> int:
+    """Index of the first step of a chain that has to run (``len(commands)`` when all are finished).
+
+    The chain resumes after the latest step that finished with its model on disk, provided every step
+    up to it has its CSV row. Intermediate checkpoints may have been removed (see
+    :func:`remove_intermediate_checkpoint`): a finished later step stands for them.
+    """
+    rows = csv_steps(paths.results_csv(commands[0].name)) if commands else set()
+    start = 0
+    for index, command in enumerate(commands):
+        if command.step not in rows:
+            break
+        if step_done(command, paths):
+            start = index + 1
+    return start
+
+
+def remove_intermediate_checkpoint(command: StepCommand, paths: DemoPaths) -> None:
+    """Once step t is trained, step t-1's model is no longer needed (t-1 >= 1; the shared step 0 and
+    the final models stay): 122 MB each with the ResNet-18, 2.5 GB for the whole demo otherwise."""
+    if command.kind == "train" and command.step >= 2:
+        paths.step_checkpoint(command.name, command.step - 1).unlink(missing_ok=True)
+
+
+def prepare_output(paths: DemoPaths, settings: DemoSettings, fresh: bool) -> None:
+    """Start over when asked or when the settings differ from those of the outputs already in ``out``."""
+    state_path = paths.out / STATE_FILE
+    wanted = {"settings": asdict(settings), "data_root": str(paths.data_root.resolve())}
+    stale = fresh
+    if state_path.is_file() and not fresh:
+        try:
+            stale = json.loads(state_path.read_text()) != wanted
+        except (OSError, json.JSONDecodeError):
+            stale = True
+        if stale:
+            print(
+                f"[demo] the settings differ from those of the run in {display_path(paths.out)}: "
+                "starting over."
+            )
+    elif not state_path.is_file() and any(p.exists() for p in paths.generated()):
+        stale = True  # outputs of unknown settings
+    if stale:
+        for folder in paths.generated():
+            shutil.rmtree(folder, ignore_errors=True)
+        (paths.out / TIMINGS_FILE).unlink(missing_ok=True)
+    paths.out.mkdir(parents=True, exist_ok=True)
+    state_path.write_text(json.dumps(wanted, indent=2) + "\n")
+
+
+def ensure_data(settings: DemoSettings, paths: DemoPaths, log: Logger) -> None:
+    """Generate the synthetic VOC tree unless the same one is already there.
+
+    A tree without the demo's marker file (e.g. one you made yourself with other settings, or a real
+    VOC) is used as it is; ``make_synthetic.py`` itself refuses to overwrite a tree it did not make.
+    """
+    marker = paths.data_root / DATA_MARKER
+    wanted = {
+        "dataset": DATASET,
+        **{k: getattr(settings, k) for k in ("num_train", "num_val", "image_size", "data_seed")},
+    }
+    if (paths.data_root / "PascalVOC2012").is_dir():
+        if not marker.is_file():
+            log.say(f"using the existing data set in {display_path(paths.data_root)}")
+            return
+        if json.loads(marker.read_text()) == wanted:
+            return
+        log.say(f"{display_path(paths.data_root)} holds a demo data set of other settings: regenerating it")
+        marker.unlink()
+    command = synthetic_data_command(settings, paths)
+    log.say("generating the synthetic data set: " + shlex.join(command))
+    start = time.monotonic()
+    proc = subprocess.run(command, cwd=ROOT, env=child_env(1), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DemoError(
+            f"data/make_synthetic.py failed (exit {proc.returncode}):\n"
+            f"{proc.stdout[-2000:]}{proc.stderr[-4000:]}"
+        )
+    marker.write_text(json.dumps(wanted, indent=2) + "\n")
+    log.say(f"data set ready ({time.monotonic() - start:.1f} s)")
+
+
+# ---------------------------------------------------------------------------------------------- running
+class DemoError(RuntimeError):
+    """A step failed; the message holds the command and the end of its output."""
+
+
+class Logger:
+    """Timestamped progress lines, safe to call from the chain threads."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.lock = threading.Lock()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def say(self, message: str) -> None:
+        with self.lock:
+            print(f"[demo {self.elapsed():6.1f}s] {message}", flush=True)
+
+
+def child_env(threads: int) -> dict[str, str]:
+    """Environment of a run.py process: ``threads`` intra-op threads, no display."""
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), MPLBACKEND="Agg", PYTHONUNBUFFERED="1"
+    )
+    return env
+
+
+def last_miou(paths: DemoPaths, name: str, step: int) -> float | None:
+    path = paths.results_csv(name)
+    if not path.is_file():
+        return None
+    for line in path.read_text().splitlines():
+        fields = line.split(",")
+        if fields and fields[0].strip() == str(step):
+            try:
+                return 100.0 * float(fields[-1])
+            except ValueError:
+                return None
+    return None
+
+
+def run_command(command: StepCommand, paths: DemoPaths, threads: int, log: Logger) -> float:
+    """Run one step (its output goes to ``out/stdout``); return its wall time in seconds."""
+    paths.stdout.mkdir(parents=True, exist_ok=True)
+    output = paths.stdout / f"{command.name}_step{command.step}.log"
+    start = time.monotonic()
+    with open(output, "w") as handle:
+        handle.write("$ " + shlex.join(command.argv) + "\n")
+        handle.flush()
+        proc = subprocess.run(
+            command.argv, cwd=ROOT, env=child_env(threads), stdout=handle, stderr=subprocess.STDOUT, text=True
+        )
+    seconds = time.monotonic() - start
+    if proc.returncode != 0:
+        tail = "".join(output.read_text().splitlines(keepends=True)[-40:])
+        raise DemoError(
+            f"{command.name} step {command.step} failed (exit {proc.returncode}) after {seconds:.0f} s.\n"
+            f"Command: {shlex.join(command.argv)}\nLast lines of {display_path(output)}:\n{tail}"
+        )
+    miou = last_miou(paths, command.name, command.step)
+    what = "evaluated the shared step-0 model" if command.kind == "test" else "trained"
+    log.say(
+        f"{command.name:<5} step {command.step} {what} in {seconds:5.1f} s, "
+        f"mIoU over seen classes {miou:.1f}%"
+        if miou is not None
+        else f"{command.name} step {command.step} done"
+    )
+    return seconds
+
+
+def run_chain(
+    commands: Sequence[StepCommand],
+    paths: DemoPaths,
+    threads: int,
+    log: Logger,
+    timings: dict[str, float],
+    keep_checkpoints: bool = False,
+) -> None:
+    """Run the steps of one chain in order from the first unfinished one (a rerun step invalidates the
+    later ones, which run again too)."""
+    for command in commands[first_step_to_run(commands, paths) :]:
+        timings[f"{command.name}/{command.step}"] = round(run_command(command, paths, threads, log), 1)
+        if not keep_checkpoints:
+            remove_intermediate_checkpoint(command, paths)
+
+
+def run_all(
+    methods: Sequence[str],
+    settings: DemoSettings,
+    paths: DemoPaths,
+    jobs: int,
+    threads: int,
+    log: Logger,
+    keep_checkpoints: bool = False,
+) -> dict:
+    """Step 0 once, then the methods' chains, ``jobs`` chains at a time; return the step timings."""
+    timings: dict[str, float] = {}
+    step0 = step0_command(settings, paths)
+    if step_done(step0, paths):
+        log.say(f"shared step 0 already trained: {display_path(paths.step_checkpoint(STEP0_NAME, 0))}")
+    else:
+        log.say("training the shared step 0 (background + classes 1-15)")
+        timings[f"{STEP0_NAME}/0"] = round(run_command(step0, paths, threads, log), 1)
+    # Longest chains first (old-model forward, POD, pseudo-labels), so that side-by-side chains end
+    # together instead of one heavy chain running alone at the end.
+    order = sorted(methods, key=lambda m: -CHAIN_COST.get(m, 1))
+    chains = [method_commands(method, settings, paths) for method in order]
+    jobs = max(1, min(jobs, len(chains)))
+    if jobs == 1:
+        for chain in chains:
+            run_chain(chain, paths, threads, log, timings, keep_checkpoints)
+    else:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [
+                pool.submit(run_chain, chain, paths, threads, log, timings, keep_checkpoints)
+                for chain in chains
+            ]
+            for future in futures:
+                future.result()
+    return timings
+
+
+# ---------------------------------------------------------------------------------------------- report
+def load_results(methods: Sequence[str], paths: DemoPaths) -> list[MethodResult]:
+    results = [load_method_result(paths.results_csv(method), method) for method in methods]
+    for result in results:
+        result.csv_path = Path(display_path(paths.results_csv(result.name)))
+    return results
+
+
+def record_timings(paths: DemoPaths, new: dict[str, float]) -> dict[str, float]:
+    """Merge this invocation's step times into those of earlier ones (a resumed demo keeps them all)."""
+    path = paths.out / TIMINGS_FILE
+    try:
+        timings = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        timings = {}
+    timings.update(new)
+    path.write_text(json.dumps(timings, indent=2, sort_keys=True) + "\n")
+    return timings
+
+
+def method_command_lines(
+    methods: Sequence[str], settings: DemoSettings, paths: DemoPaths
+) -> dict[str, list[str]]:
+    """Every method's chain as shell command lines, the shared step-0 training first."""
+    step0 = shlex.join(step0_command(settings, paths).argv)
+    return {m: [step0, *(shlex.join(c.argv) for c in method_commands(m, settings, paths))] for m in methods}
+
+
+def draw_predictions(methods: Sequence[str], paths: DemoPaths, threads: int, log: Logger) -> dict[str, str]:
+    """Prediction grid of every method's final model and LGKD's final confusion matrix (PNG paths)."""
+    import torch
+
+    from dataset.transform import MEAN, STD
+    from utils.demo_inference import (
+        build_step_model,
+        evaluate,
+        load_step_options,
+        pick_samples,
+        predict,
+        test_set,
+    )
+    from utils.visualization import make_prediction_grid, voc_cmap
+
+    figures: dict[str, str] = {}
+    last = NUM_STEPS - 1
+    device = torch.device("cpu")
+    torch.set_num_threads(threads)
+    opts = load_step_options(paths.step_options(methods[0], last))
+    dataset = test_set(opts)
+    images, labels, _ = pick_samples(dataset, GRID_IMAGES, N_STEP0_CLASSES, seed=0)
+    predictions = {}
+    confusion_method = "LGKD" if "LGKD" in methods else methods[-1]
+    for method in methods:
+        method_opts = load_step_options(paths.step_options(method, last))
+        model = build_step_model(method_opts, paths.step_checkpoint(method, last), device)
+        predictions[method] = predict(model, images)
+        if method == confusion_method:
+            score = evaluate(model, dataset, N_CLASSES, device)
+            path = plot_confusion_matrix(
+                score["Confusion Matrix"],
+                paths.out / f"confusion_matrix_{method}.png",
+                title=f"{method}, after step {last}: confusion matrix on the test set (rows sum to 1)",
+                n_step0_classes=N_STEP0_CLASSES,
+            )
+            figures["confusion_matrix"] = display_path(path)
+    cmap = voc_cmap()
+    grid = make_prediction_grid(images, labels, predictions, cmap, MEAN, STD)
+    shown = sorted(
+        {int(v) for v in labels.unique().tolist()}
+        | {int(v) for p in predictions.values() for v in p.unique().tolist()}
+    )
+    legend = {c: (VOC_CLASS_NAMES[c], cmap[c].tolist()) for c in shown if c < N_CLASSES}
+    path = plot_prediction_grid(
+        grid,
+        ["image", "ground truth", *methods],
+        images.shape[-1],
+        paths.out / "predictions.png",
+        legend=legend,
+        title=f"Test images after step {last} (classes 16-20 were learned one per step)",
+    )
+    figures["predictions"] = display_path(path)
+    log.say(f"drew the predictions of {', '.join(methods)} and the confusion matrix of {confusion_method}")
+    return figures
+
+
+def report(
+    methods: Sequence[str],
+    settings: DemoSettings,
+    paths: DemoPaths,
+    timings: dict,
+    log: Logger,
+    quick: bool,
+    draw: bool = True,
+    threads: int = 1,
+) -> dict:
+    """Tables on stdout, summary.json and the figures."""
+    results = load_results(methods, paths)
+    figures = {
+        "miou_per_step": display_path(plot_miou_per_step(results, paths.out / "miou_per_step.png")),
+        "final_class_iou": display_path(plot_final_class_iou(results, paths.out / "final_class_iou.png")),
+    }
+    if draw:
+        figures.update(draw_predictions(methods, paths, threads, log))
+    wall = round(log.elapsed(), 1)
+    summary = build_summary(
+        results,
+        method_command_lines(methods, settings, paths),
+        {
+            "protocol": f"{DATASET} {TASK} (VOC 15-1): step 0 = classes 0-15, then 16, 17, 18, 19, 20",
+            "settings": asdict(settings),
+            "quick": quick,
+            "data_root": display_path(paths.data_root),
+            # Steps finished by an earlier invocation are not run again: this is not the demo's total.
+            "this_invocation_wall_time_s": wall,
+            "step_times_s": record_timings(paths, timings),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+            },
+            "figures": figures,
+        },
+    )
+    write_json(summary, paths.out / "summary.json")
+    print()
+    print(
+        f"Final step {NUM_STEPS - 1} of {TASK} (VOC 15-1) on synthetic data, mIoU in % "
+        "(as average_csv.py computes it):"
+    )
+    print(format_final_table(results, N_STEP0_CLASSES, N_CLASSES))
+    print()
+    print("mIoU over all seen classes after each step (%):")
+    print(format_per_step_table(results))
+    print()
+    print("Markdown:")
+    print(format_markdown_table(results, N_STEP0_CLASSES, N_CLASSES))
+    print()
+    print(f"Summary: {display_path(paths.out / 'summary.json')}; figures: " + ", ".join(figures.values()))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- main
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Continual learning demo on synthetic VOC-like data (VOC 15-1 with FT, MiB, PLOP, LGKD).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        choices=ALL_METHODS,
+        metavar="METHOD",
+        help=f"methods to run, among {', '.join(ALL_METHODS)}",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny smoke configuration (1 epoch per step, tiny data): checks the pipeline, "
+        "the numbers mean nothing",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (None: results/demo, or results/demo_quick with --quick)",
+    )
+    parser.add_argument(
+        "--data_root",
+        type=Path,
+        default=None,
+        help="synthetic data set folder, generated if missing (None: data/synthetic_demo, or "
+        "data/synthetic_demo_quick with --quick)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per run.py process. Small convolutions gain little from more, and when "
+        "another program keeps a core busy two threads can run ten times slower than one",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="method chains run side by side, one run.py process each (default: the number of CPU cores)",
+    )
+    parser.add_argument(
+        "--fresh", action="store_true", help="delete this demo's previous outputs in --out and start over"
+    )
+    parser.add_argument(
+        "--keep_checkpoints",
+        action="store_true",
+        help="keep every step's checkpoint (by default a method keeps only its final model; the shared "
+        "step-0 model is always kept)",
+    )
+    parser.add_argument(
+        "--no_figures",
+        action="store_true",
+        help="skip the prediction grid and confusion matrix (they load every final model)",
+    )
+    parser.add_argument(
+        "--readme_figure",
+        action="store_true",
+        help=f"also copy the mIoU figure to {display_path(README_FIGURE)}",
+    )
+    parser.add_argument("--dry_run", action="store_true", help="print the command lines and exit")
+    return parser
+
+
+def resolve_paths(args: argparse.Namespace) -> DemoPaths:
+    suffix = "_quick" if args.quick else ""
+    out = args.out if args.out is not None else DEFAULT_OUT.with_name(DEFAULT_OUT.name + suffix)
+    data_root = args.data_root if args.data_root is not None else ROOT / "data" / f"synthetic_demo{suffix}"
+    return DemoPaths(out=Path(out).resolve(), data_root=Path(data_root).resolve())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    paths = resolve_paths(args)
+    methods = list(dict.fromkeys(args.methods))
+    if args.dry_run:
+        print(shlex.join(synthetic_data_command(settings, paths)))
+        print(shlex.join(step0_command(settings, paths).argv))
+        for method in methods:
+            for command in method_commands(method, settings, paths):
+                print(shlex.join(command.argv))
+        return 0
+    log = Logger()
+    log.say(
+        f"VOC 15-1 ({TASK}) with {', '.join(methods)}; outputs in {display_path(paths.out)}"
+        + (" (quick smoke configuration)" if args.quick else "")
+    )
+    try:
+        prepare_output(paths, settings, args.fresh)
+        ensure_data(settings, paths, log)
+        timings = run_all(methods, settings, paths, args.jobs, args.threads, log, args.keep_checkpoints)
+        summary = report(
+            methods, settings, paths, timings, log, args.quick, draw=not args.no_figures, threads=args.threads
+        )
+    except DemoError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if args.readme_figure:
+        copy_figure(ROOT / summary["figures"]["miou_per_step"], README_FIGURE)
+    log.say(f"done in {log.elapsed() / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
