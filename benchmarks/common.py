@@ -1,0 +1,575 @@
+"""Shared helpers of the benchmark scripts (``benchmarks/bench_*.py``).
+
+The scripts run from the repository root as ``python benchmarks/bench_train.py ...``; :func:`setup_paths`
+puts the repository on ``sys.path`` so that the project's flat packages (``utils``, ``models``, ...)
+import as they do for ``run.py``. Project modules are imported inside the functions that need them, so a
+benchmark's parent process stays light and a missing module fails with a clear message at the point of use.
+
+Measurement conventions shared by all benchmarks:
+
+* time: ``time.perf_counter`` around a block of iterations; on CUDA one ``torch.cuda.synchronize()``
+  before the block starts and one after it ends, nothing inside it (the training loop's own syncs, e.g.
+  the per-print-interval loss check, are part of what is measured);
+* memory (:class:`MemoryProbe`): on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the peak
+  resident set size (``VmHWM`` of ``/proc/self/status``) of a fresh process that runs one configuration,
+  with the high-water mark reset (``/proc/self/clear_refs``) after the warm-up; both also as the increase
+  over the memory of the built model;
+* the machine's load average is recorded with the results: on a shared machine other processes make CPU
+  timings noisy (an OpenMP parallel region waits for its slowest thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULT_MARKER = "BENCH_RESULT "
+MIB = 1024.0 * 1024.0
+
+# VOC 15-5 is the task of the LGKD scripts whose step 1 we benchmark (scripts/voc/lgkd_15-5.sh):
+# step 0 learns classes 0..15, step 1 the classes 16..20, with --prev_kd 5 --novel_kd 1.
+BENCH_DATASET = "voc"
+BENCH_TASK = "15-5"
+LGKD_STEP_ARGS = ("--prev_kd", "5", "--novel_kd", "1")
+
+
+def setup_paths() -> None:
+    """Make the repository's top-level packages importable (the scripts live in ``benchmarks/``)."""
+    root = str(ROOT)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+# ---------------------------------------------------------------------------------------------- device
+def resolve_device(name: str) -> Any:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for, but no CUDA device is visible. Use --device cpu.")
+    return torch.device(name)
+
+
+def synchronize(device: Any) -> None:
+    """Wait for queued work on ``device`` (no-op on CPU)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def set_cuda_flags(device: Any) -> None:
+    """The settings ``run.py`` uses on CUDA: cuDNN benchmark mode and TF32 matmuls/convolutions."""
+    import torch
+
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast_dtype(precision: str) -> Any:
+    """``fp32`` -> None (autocast off), ``fp16``/``bf16`` -> the torch dtype."""
+    import torch
+
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def proc_status_kib(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (e.g. ``VmRSS``, ``VmHWM``); None where there is no procfs."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss_kib() -> int:
+    """Peak resident set size of this process: ``VmHWM``, else ``getrusage`` (Linux reports kB)."""
+    value = proc_status_kib("VmHWM")
+    if value is not None:
+        return value
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current resident size (Linux >= 4.0); False where this is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def minor_page_faults() -> int:
+    """Minor page faults of this process so far (``getrusage``; 0 where unavailable)."""
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+    except (ImportError, OSError):
+        return 0
+
+
+class MemoryProbe:
+    """Peak memory of the steady-state part of a benchmark, in bytes.
+
+    Call :meth:`mark_base` once the model is built (before the warm-up), :meth:`reset_peak` after the
+    warm-up and :meth:`read_peak` after the timed iterations. ``peak`` is then the peak over the timed
+    iterations and ``delta`` its increase over the base: gradients, optimizer state, activations and
+    allocator caches of training on top of the built model.
+
+    CUDA: ``memory_allocated`` / ``max_memory_allocated`` (tensor memory, what decides an OOM).
+    CPU: ``VmRSS`` / ``VmHWM``; the high-water mark is reset through ``/proc/self/clear_refs`` when the
+    kernel allows it (``rss_reset`` False otherwise: the peak then also covers the set-up).
+    """
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.base = 0
+        self.peak = 0
+        self.rss_reset = True
+
+    def mark_base(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.base = (proc_status_kib("VmRSS") or 0) * 1024
+
+    def reset_peak(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.rss_reset = reset_peak_rss()
+
+    def read_peak(self) -> int:
+        import torch
+
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.peak = peak_rss_kib() * 1024
+        return self.peak
+
+    @property
+    def delta(self) -> int:
+        return max(self.peak - self.base, 0)
+
+
+# ---------------------------------------------------------------------------------------------- timing
+class BlockTimer:
+    """Wall time of a block, synchronising the device once before and once after it."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.seconds = 0.0
+
+    def __enter__(self) -> BlockTimer:
+        synchronize(self.device)
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        synchronize(self.device)
+        self.seconds = time.perf_counter() - self._t0
+
+
+class TimedBatches:
+    """A list of batches that records a (wall, CPU) timestamp each time the loop asks for the next batch.
+
+    The training loop takes the next batch at the start of every iteration, so consecutive timestamps
+    delimit the iterations without any device synchronisation; meaningful per iteration on the CPU only
+    (on CUDA they measure the host side, the block time is the figure to use).
+    """
+
+    def __init__(self, batches: Sequence[Any]) -> None:
+        self.batches = list(batches)
+        self.stamps: list[tuple[float, float]] = []
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.batches:
+            self.stamps.append((time.perf_counter(), time.process_time()))
+            yield batch
+
+    def per_iteration(self, end: tuple[float, float]) -> tuple[list[float], list[float]]:
+        """(wall seconds, CPU seconds) of each iteration, the last one closed by ``end``."""
+        stamps = [*self.stamps, end]
+        wall = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
+        cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
+        return wall, cpu
+
+
+def tensor_memory_peak(run: Callable[[], None]) -> int | None:
+    """Peak bytes of live CPU tensors while ``run()`` executes, from the PyTorch memory profiler.
+
+    Exact and deterministic (unlike the resident set size, which moves with allocator caching); counts
+    the tensors alive before ``run`` (weights, gradients, optimizer state) plus every allocation during
+    it. Uses the profiler's memory timeline (a private API): None if it is not available.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        from torch.profiler._memory_profiler import Action
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:  # fmt: skip
+            run()
+        current = peak = 0
+        for _, action, _, size in prof._memory_profile().timeline:
+            if action in (Action.PREEXISTING, Action.CREATE):
+                current += size
+            elif action == Action.DESTROY:
+                current -= size
+            peak = max(peak, current)
+        return int(peak)
+    except Exception:  # noqa: BLE001 - private API: report "not available" rather than fail the benchmark
+        torch.autograd.set_grad_enabled(True)
+        return None
+
+
+def median(values: Sequence[float]) -> float:
+    """Median, NaN for an empty sequence."""
+    return float(statistics.median(values)) if values else math.nan
+
+
+def safe_ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """``numerator / denominator``, or None when either is missing or the denominator is 0."""
+    if numerator is None or denominator in (None, 0) or math.isnan(denominator) or math.isnan(numerator):
+        return None
+    return numerator / denominator
+
+
+# ---------------------------------------------------------------------------------------------- machine
+def cpu_model_name() -> str:
+    """The CPU model of ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device: Any = None) -> dict[str, Any]:
+    """What the figures were measured on: CPU, cores, torch version, threads and the GPU if any."""
+    import torch
+
+    info: dict[str, Any] = {
+        "cpu": cpu_model_name(),
+        "cpu_cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "device": str(device) if device is not None else None,
+        "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    if device is not None and device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = round(props.total_memory / (1024**3), 1)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- options
+def build_opts(
+    *,
+    step: int,
+    backbone: str,
+    crop: int,
+    batch: int,
+    device: str,
+    norm_act: str = "iabn_sync",
+    abn: str = "torch",
+    precision: str = "fp32",
+    memory_format: str = "contiguous",
+    method: str = "LGKD",
+    num_workers: int = 0,
+    extra: Iterable[str] = (),
+) -> argparse.Namespace:
+    """Resolved options of an LGKD run on VOC 15-5 at ``step``, through the real parser and preset.
+
+    Args:
+        abn: ``torch`` (pure-PyTorch ABN), ``inplace_abn`` (compiled package) or ``recompute``
+            (pure PyTorch with ``--recompute_abn``).
+        precision: ``fp32`` (``--opt_level O0``) or ``fp16``/``bf16`` (``O1`` with ``--amp_dtype``).
+    """
+    setup_paths()
+    from argparser import get_argparser, modify_command_options
+
+    argv = [
+        "--method",
+        method,
+        "--dataset",
+        BENCH_DATASET,
+        "--task",
+        BENCH_TASK,
+        "--step",
+        str(step),
+        "--backbone",
+        backbone,
+        "--output_stride",
+        "16",
+        "--norm_act",
+        norm_act,
+        "--no_pretrained",
+        "--crop_size",
+        str(crop),
+        "--batch_size",
+        str(batch),
+        "--device",
+        device,
+        "--memory_format",
+        memory_format,
+        "--num_workers",
+        str(num_workers),
+        "--no_progress",
+        "--abn_impl",
+        "inplace_abn" if abn == "inplace_abn" else "torch",
+    ]
+    if abn == "recompute":
+        argv.append("--recompute_abn")
+    if precision != "fp32":
+        argv += ["--opt_level", "O1", "--amp_dtype", precision]
+    if step > 0:
+        argv += list(LGKD_STEP_ARGS)
+    argv += list(extra)
+    return modify_command_options(get_argparser().parse_args(argv))
+
+
+def step_classes(opts: argparse.Namespace, step: int) -> list[int]:
+    """Classes per step up to ``step`` (``tasks.get_per_task_classes``)."""
+    setup_paths()
+    import tasks
+
+    return tasks.get_per_task_classes(opts.dataset, opts.task, step)
+
+
+def seen_labels(opts: argparse.Namespace, step: int) -> tuple[list[int], list[int]]:
+    """(labels learned at ``step``, labels of the earlier steps), as in ``tasks.get_task_labels``."""
+    setup_paths()
+    import tasks
+
+    labels, labels_old, _ = tasks.get_task_labels(opts.dataset, opts.task, step)
+    return list(labels), list(labels_old)
+
+
+def build_models(opts: argparse.Namespace, step: int, device: Any, channels_last: bool) -> tuple[Any, Any]:
+    """The current model of ``step`` and, for step > 0, the frozen previous-step model (as ``run.py``)."""
+    import torch
+
+    setup_paths()
+    from segmentation_module import make_model
+
+    def build(s: int) -> Any:
+        model = make_model(opts, classes=step_classes(opts, s)).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    model = build(step)
+    model_old = None
+    if step > 0:
+        model_old = build(step - 1)
+        model_old.load_state_dict(
+            {k: v for k, v in model.state_dict().items() if k in model_old.state_dict()}, strict=False
+        )
+        for p in model_old.parameters():
+            p.requires_grad = False
+        model_old.eval()
+    return model, model_old
+
+
+def force_autocast(trainer: Any, precision: str, device: Any) -> None:
+    """Apply ``--precision`` to a Trainer, also on CPU.
+
+    The Trainer runs CPU training in fp32 whatever ``--opt_level`` says; the benchmark (and the precision
+    tests) exercise CPU autocast anyway, by setting the Trainer's autocast switches directly.
+    """
+    import torch
+
+    dtype = autocast_dtype(precision)
+    trainer.amp_enabled = dtype is not None
+    trainer.amp_dtype = dtype if dtype is not None else torch.float16
+    trainer.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def synthetic_labels(
+    batch: int, size: int, classes: Sequence[int], generator: Any, objects: int = 3, border: int = 2
+) -> Any:
+    """VOC-like label maps (B, H, W) uint8: background 0, a few rectangles of ``classes`` outlined by 255.
+
+    Args:
+        classes: class indices the objects are drawn from (0 is never drawn as an object).
+        border: width of the 255 ("void") outline around each object, as in VOC annotations.
+    """
+    import torch
+
+    labels = torch.zeros(batch, size, size, dtype=torch.uint8)
+    pool = [c for c in classes if c != 0] or [0]
+    for b in range(batch):
+        for _ in range(objects):
+            h, w = (int(v) for v in torch.randint(size // 6, size // 2 + 1, (2,), generator=generator))
+            top = int(torch.randint(0, size - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, size - w + 1, (1,), generator=generator))
+            cls = pool[int(torch.randint(0, len(pool), (1,), generator=generator))]
+            t0, l0 = max(top - border, 0), max(left - border, 0)
+            labels[b, t0 : top + h + border, l0 : left + w + border] = 255
+            labels[b, top : top + h, left : left + w] = cls
+    return labels
+
+
+def synthetic_batches(
+    n: int, batch: int, crop: int, classes: Sequence[int], seed: int = 0, pin: bool = False
+) -> list[tuple[Any, Any]]:
+    """``n`` (images, labels) batches as a DataLoader yields them: normalised float32 images, uint8 labels."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        images = torch.randn(batch, 3, crop, crop, generator=generator)
+        labels = synthetic_labels(batch, crop, classes, generator)
+        if pin:
+            images, labels = images.pin_memory(), labels.pin_memory()
+        batches.append((images, labels))
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
+def count_flops(model: Any, images: Any, *, backward: bool, ret_intermediate: bool = True) -> int:
+    """FLOPs (``torch.utils.flop_counter``: matmuls and convolutions, 2 per multiply-add) of one forward,
+    or of a forward and a backward of the sum of the logits, for the whole batch ``images``."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        if backward:
+            logits, _ = model(images, ret_intermediate=ret_intermediate)
+            logits.float().sum().backward()
+        else:
+            with torch.no_grad():
+                model(images, ret_intermediate=ret_intermediate)
+    return int(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------------------------------------- workers
+@dataclass
+class WorkerFailure:
+    """A worker subprocess that did not produce a result."""
+
+    returncode: int
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"error": self.message, "returncode": self.returncode}
+
+
+def emit_result(result: dict[str, Any]) -> None:
+    """Print a worker's result as the one line its parent looks for."""
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+
+
+# glibc malloc settings that keep freed memory in the heap instead of returning it to the kernel and
+# faulting it in again: a fixed (not adaptive) mmap threshold of 4 GiB and no trimming.
+GLIBC_NO_TRIM_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
+
+
+def run_worker(
+    script: Path, config: dict[str, Any], timeout: float | None = None, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run ``script --worker CONFIG_JSON`` in a fresh interpreter and return its result dict.
+
+    A failing worker (exception, out of memory, missing optional package) gives ``{"error": ...}`` with
+    the last lines of its stderr instead of stopping the whole benchmark.
+
+    Args:
+        env: extra environment variables of the worker (e.g. :data:`GLIBC_NO_TRIM_ENV`).
+    """
+    cmd = [sys.executable, str(script), "--worker", json.dumps(config)]
+    env = {**os.environ, **(env or {})}
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT), env=env)
+    except subprocess.TimeoutExpired:
+        return WorkerFailure(-1, f"timed out after {timeout} s").as_dict()
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER) :])
+    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+    return WorkerFailure(proc.returncode, tail or f"exit code {proc.returncode}").as_dict()
+
+
+# ---------------------------------------------------------------------------------------------- output
+def fmt(value: Any, digits: int = 2) -> str:
+    """Table cell: floats with ``digits`` decimals, None/NaN as ``-``."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table with a header rule (also valid Markdown)."""
+    cells = [[str(h) for h in headers]] + [[fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def write_json(payload: dict[str, Any], path: str | None) -> None:
+    """Write ``payload`` as indented JSON to ``path`` (no-op for None)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """``--json`` (print JSON instead of the table) and ``--json_out PATH`` (also write it to a file)."""
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("--json_out", type=str, default=None, help="also write the JSON results to this file")
+
+
+def today() -> str:
+    """The date of the measurement (ISO), stored with the results."""
+    return time.strftime("%Y-%m-%d")
