@@ -348,7 +348,7 @@ class Trainer:
                 progress(loader, desc="Evaluation", total=len(loader), enabled=self.show_progress)
             ):
                 images, labels = self._to_device(images, labels)
-                outputs_old, features_old = self._old_forward(images, True, validation=True)
+                outputs_old, features_old = self._old_forward(images, ret_intermediate, validation=True)
                 with self._autocast():
                     outputs, features = self.model_without_ddp(images, ret_intermediate=ret_intermediate)
                 batch = StepBatch(
