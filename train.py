@@ -144,6 +144,30 @@ class Trainer:
         with torch.no_grad(), self._autocast():
             return self.model_old(images, ret_intermediate=ret_intermediate)
 
+    def _forward(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        original_labels: Tensor,
+        old: tuple[Tensor | None, dict | None],
+        pseudo: Any,
+        ret_intermediate: bool,
+    ) -> StepBatch:
+        """Current-model forward under autocast, packed with everything a loss term may read."""
+        with self._autocast():
+            outputs, features = model(images, ret_intermediate=ret_intermediate)
+        return StepBatch(
+            images=images,
+            labels=labels,
+            original_labels=original_labels,
+            outputs=outputs,
+            features=features,
+            outputs_old=old[0],
+            features_old=old[1],
+            pseudo=pseudo,
+        )
+
     # ------------------------------------------------------------------ public API
     def before(self, train_loader: Iterable, logger: Any = None) -> None:
         """Compute the per-class pseudo-label thresholds before training (PLOP §3.2; spec §8.2).
@@ -227,17 +251,14 @@ class Trainer:
             labels = pseudo.labels
 
         optim.zero_grad(set_to_none=True)
-        with self._autocast():
-            outputs, features = self.model(images, ret_intermediate=self.ret_intermediate)
-        batch = StepBatch(
-            images=images,
-            labels=labels,
-            original_labels=original_labels,
-            outputs=outputs,
-            features=features,
-            outputs_old=outputs_old,
-            features_old=features_old,
-            pseudo=pseudo,
+        batch = self._forward(
+            self.model,
+            images,
+            labels,
+            original_labels,
+            (outputs_old, features_old),
+            pseudo,
+            self.ret_intermediate,
         )
         losses = {name: term(batch) for name, term in self.loss_terms.items()}
         total = torch.stack([v.float() for v in losses.values()]).sum()
@@ -349,18 +370,16 @@ class Trainer:
             ):
                 images, labels = self._to_device(images, labels)
                 outputs_old, features_old = self._old_forward(images, ret_intermediate, validation=True)
-                with self._autocast():
-                    outputs, features = self.model_without_ddp(images, ret_intermediate=ret_intermediate)
-                batch = StepBatch(
-                    images=images,
-                    labels=labels,
-                    original_labels=labels,
-                    outputs=outputs,
-                    features=features,
-                    outputs_old=outputs_old,
-                    features_old=features_old,
-                    pseudo=None,
+                batch = self._forward(
+                    self.model_without_ddp,
+                    images,
+                    labels,
+                    labels,
+                    (outputs_old, features_old),
+                    None,
+                    ret_intermediate,
                 )
+                outputs = batch.outputs
                 for name, term in self.loss_terms.items():
                     value = term.validation_loss(batch)
                     if value is None:
