@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import random
@@ -32,3 +33,27 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+def make_opts(**overrides) -> argparse.Namespace:
+    """The model-related reference dests (§2.1) plus the new flags, with a small CPU-friendly backbone."""
+    values = {
+        "backbone": "resnet18",
+        "output_stride": 16,
+        "norm_act": "iabn_sync",
+        "no_pretrained": True,
+        "code_directory": ".",
+        "pooling": 32,
+        "dataset": "voc",
+        "num_classes": 21,
+        "base_weights": False,
+        "nb_background_modes": 1,
+        "multimodal_fusion": "sum",
+        "cosine": False,
+        "disable_background": False,
+        "abn_impl": "torch",
+        "recompute_abn": False,
+        "device": "cpu",
+    }
+    values.update(overrides)
+    return argparse.Namespace(**values)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections import OrderedDict
 
@@ -13,6 +12,7 @@ import torch
 from models import build_backbone
 from modules import InPlaceABNSync
 from segmentation_module import make_model
+from tests.conftest import make_opts
 from utils import checkpoint as ckpt_mod
 from utils.checkpoint import (
     IMAGENET_URL,
@@ -26,28 +26,6 @@ from utils.checkpoint import (
     strip_module_prefix,
 )
 from utils.errors import CheckpointError
-
-
-def _opts(**overrides) -> argparse.Namespace:
-    values = {
-        "backbone": "resnet18",
-        "output_stride": 16,
-        "norm_act": "iabn_sync",
-        "no_pretrained": True,
-        "code_directory": ".",
-        "pooling": 32,
-        "dataset": "voc",
-        "num_classes": 21,
-        "base_weights": False,
-        "nb_background_modes": 1,
-        "multimodal_fusion": "sum",
-        "cosine": False,
-        "disable_background": False,
-        "abn_impl": "torch",
-        "recompute_abn": False,
-    }
-    values.update(overrides)
-    return argparse.Namespace(**values)
 
 
 def _trained_like(model: torch.nn.Module) -> torch.nn.Module:
@@ -66,7 +44,7 @@ def _trained_like(model: torch.nn.Module) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def step1_model():
     torch.manual_seed(0)
-    return _trained_like(make_model(_opts(), classes=[16, 1])).eval()
+    return _trained_like(make_model(make_opts(), classes=[16, 1])).eval()
 
 
 def _reference_checkpoint(model: torch.nn.Module) -> dict:
@@ -94,7 +72,7 @@ def test_save_and_load_round_trip_with_and_without_prefix(tmp_path, step1_model)
         expected = step1_model(x)[0]
     for state in (loaded["model_state"], strip_module_prefix(loaded["model_state"])):
         torch.manual_seed(1)
-        fresh = make_model(_opts(), classes=[16, 1]).eval()
+        fresh = make_model(make_opts(), classes=[16, 1]).eval()
         result = load_model_state(fresh, state, strict=True, source=str(path))
         assert result.missing_keys == [] and result.unexpected_keys == []
         with torch.no_grad():
@@ -104,7 +82,7 @@ def test_save_and_load_round_trip_with_and_without_prefix(tmp_path, step1_model)
 
 def test_next_step_model_loads_with_strict_false(step1_model):
     state = add_module_prefix(step1_model.state_dict())
-    model = make_model(_opts(), classes=[16, 1, 1])
+    model = make_model(make_opts(), classes=[16, 1, 1])
     result = load_model_state(model, state, strict=False, source="step1.pth")
     assert result.missing_keys == ["cls.2.weight", "cls.2.bias"] and result.unexpected_keys == []
     assert torch.equal(model.cls[1].weight, step1_model.cls[1].weight)
@@ -114,7 +92,7 @@ def test_wrong_step_is_reported_with_classifier_sizes(step1_model):
     state = add_module_prefix(step1_model.state_dict())
     # Old model of step 3 expects [16, 1, 1]; the file is of step 1: [16, 1] = 17 classes, 2 steps.
     with pytest.raises(CheckpointError) as info:
-        load_model_state(make_model(_opts(), classes=[16, 1, 1]), state, strict=True, source="prev.pth")
+        load_model_state(make_model(make_opts(), classes=[16, 1, 1]), state, strict=True, source="prev.pth")
     message = str(info.value)
     assert "prev.pth" in message
     assert "[16, 1] = 17 classes, 2 steps" in message
@@ -122,23 +100,23 @@ def test_wrong_step_is_reported_with_classifier_sizes(step1_model):
     assert "step_ckpt" in message and "another task or step" in message
     # strict=False tolerates only the newest classifier missing.
     with pytest.raises(CheckpointError, match=r"\[16, 1\] = 17 classes"):
-        load_model_state(make_model(_opts(), classes=[16, 1, 1, 1]), state, strict=False)
+        load_model_state(make_model(make_opts(), classes=[16, 1, 1, 1]), state, strict=False)
     with pytest.raises(CheckpointError, match=r"\[20\] = 20 classes, 1 step\b"):
-        load_model_state(make_model(_opts(), classes=[20]), state, strict=False)
+        load_model_state(make_model(make_opts(), classes=[20]), state, strict=False)
 
 
 def test_other_unexpected_or_missing_keys_are_errors_even_non_strict(step1_model):
     state = step1_model.state_dict()
     state["scalar"] = torch.tensor(1.0)  # e.g. written with --cosine
     with pytest.raises(CheckpointError, match="unexpected scalar"):
-        load_model_state(make_model(_opts(), classes=[16, 1, 1]), state, strict=False)
+        load_model_state(make_model(make_opts(), classes=[16, 1, 1]), state, strict=False)
     state = step1_model.state_dict()
     del state["head.red_bn.weight"]
     with pytest.raises(CheckpointError, match=r"missing head\.red_bn\.weight"):
-        load_model_state(make_model(_opts(), classes=[16, 1, 1]), state, strict=False)
+        load_model_state(make_model(make_opts(), classes=[16, 1, 1]), state, strict=False)
     # A missing num_batches_tracked is fine (it loads as 0).
     state = OrderedDict((k, v) for k, v in step1_model.state_dict().items() if "num_batches" not in k)
-    model = make_model(_opts(), classes=[16, 1])
+    model = make_model(make_opts(), classes=[16, 1])
     load_model_state(model, state)
     assert model.body.mod1.bn1.num_batches_tracked.item() == 0
 
@@ -161,9 +139,9 @@ def test_wrong_backbone_names_the_file_backbone():
     assert guess_backbone(resnet50) == "resnet50" and guess_backbone(model_state) == "resnet101"
 
     torch.manual_seed(0)
-    small = make_model(_opts(backbone="resnet34"), classes=[16])
+    small = make_model(make_opts(backbone="resnet34"), classes=[16])
     with pytest.raises(CheckpointError, match="resnet34 body while the model is a resnet18"):
-        load_model_state(make_model(_opts(), classes=[16]), small.state_dict())
+        load_model_state(make_model(make_opts(), classes=[16]), small.state_dict())
 
 
 def test_missing_file(tmp_path):

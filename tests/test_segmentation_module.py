@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections import OrderedDict
@@ -14,31 +13,8 @@ from torch import nn
 
 from modules import ABN, BatchNormAct2d, DeeplabV3, InPlaceABN, InPlaceABNSync, is_norm_layer
 from segmentation_module import IncrementalSegmentationModule, build_norm_act, make_model
+from tests.conftest import make_opts
 from utils.errors import CheckpointError, OptionsError
-
-
-def make_opts(**overrides) -> argparse.Namespace:
-    """The model-related reference dests (§2.1) plus the new flags, with a small CPU-friendly backbone."""
-    values = {
-        "backbone": "resnet18",
-        "output_stride": 16,
-        "norm_act": "iabn_sync",
-        "no_pretrained": True,
-        "code_directory": ".",
-        "pooling": 32,
-        "dataset": "voc",
-        "num_classes": 21,
-        "base_weights": False,
-        "nb_background_modes": 1,
-        "multimodal_fusion": "sum",
-        "cosine": False,
-        "disable_background": False,
-        "abn_impl": "torch",
-        "recompute_abn": False,
-        "device": "cpu",
-    }
-    values.update(overrides)
-    return argparse.Namespace(**values)
 
 
 @pytest.fixture(scope="module")
