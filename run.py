@@ -619,16 +619,18 @@ def load_test_model(opts: Any, device: torch.device) -> tuple[nn.Module, Path, i
 def main(argv: list[str] | None = None) -> int:
     """``python run.py ...``: 0 on success, 2 for bad input (UserError), 3 when training diverged."""
     opts = modify_command_options(get_argparser().parse_args(argv))
+    finished = False
     try:
         validate_options(opts)
         run_step(opts)
+        finished = True
     except (UserError, TrainingError) as err:
         # One paragraph naming the problem and the fix, no traceback; printed once, by rank 0.
         if dist_utils.is_main_process():
             print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     finally:
-        dist_utils.cleanup()
+        dist_utils.cleanup(synchronize=finished)
     return 0
 
 

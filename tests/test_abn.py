@@ -15,6 +15,7 @@ from torch import nn
 
 from modules import ABN, BatchNormAct2d, InPlaceABN, InPlaceABNSync, abs_plus_eps, is_norm_layer
 from modules.misc import import_inplace_abn
+from utils.distributed import cleanup
 from utils.errors import OptionsError
 
 EPS = 1e-5
@@ -235,6 +236,7 @@ SPLIT = [3, 1]  # uneven per-rank batches: statistics must be combined by count
 def _sync_worker(rank: int, world: int, init_file: str, data: dict, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    finished = False
     try:
         results = {}
         for recompute in (False, True):
@@ -254,8 +256,9 @@ def _sync_worker(rank: int, world: int, init_file: str, data: dict, out_dir: str
                 "eval": layer(data["x"]).detach(),
             }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        finished = True
     finally:
-        dist.destroy_process_group()
+        cleanup(synchronize=finished)
 
 
 def test_sync_abn_two_process_gloo_equals_single_process_global_batch(tmp_path):

@@ -10,6 +10,7 @@ import torch
 from matplotlib.figure import Figure
 
 from metrics import StreamSegMetrics, confusion_matrix_to_fig
+from utils.distributed import cleanup
 from utils.errors import OptionsError
 from utils.sampler import ShardedEvalSampler
 from utils.scheduler import PolyLR, build_scheduler
@@ -301,6 +302,7 @@ def _synch_worker(rank: int, world: int, init_file: str, results: dict) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    finished = False
     try:
         # Rank r holds a different part of the data: the global matrix is the sum.
         metrics = StreamSegMetrics(4)
@@ -309,8 +311,9 @@ def _synch_worker(rank: int, world: int, init_file: str, results: dict) -> None:
         metrics.synch()
         metrics.synch()
         results[rank] = (metrics.confusion_matrix.numpy().tolist(), metrics.total_samples)
+        finished = True
     finally:
-        dist.destroy_process_group()
+        cleanup(synchronize=finished)
 
 
 @pytest.mark.slow  # two spawned processes (a few seconds): run by `make test-slow`

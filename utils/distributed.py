@@ -137,6 +137,15 @@ def main_process_first() -> Iterator[None]:
             barrier()
 
 
-def cleanup() -> None:
+def cleanup(synchronize: bool = False) -> None:
+    """Destroy the process group.
+
+    ``synchronize=True`` (every rank finished normally) first waits at a barrier: a gloo rank that tears
+    its connections down while a peer is still inside its last collective makes that peer abort
+    ("terminate called without an active exception", seen under CPU load). After a failure the peers
+    may never arrive, so the barrier is skipped then.
+    """
     if is_dist_avail_and_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
