@@ -1,9 +1,11 @@
 """Streaming semantic-segmentation metrics (§9).
 
-The confusion matrix lives on the device the predictions come from and is filled with one
-``torch.bincount`` per batch, so evaluation never copies label maps to the CPU or loops over images in
-Python. The summary statistics are computed once, in float64 on the CPU, with the reference's ε
-arithmetic so that the results CSV and ``average_csv.py`` stay comparable with published numbers.
+The confusion matrix lives on the device the predictions come from and is filled with one fixed-size
+``scatter_add_`` per batch, so evaluation never copies label maps to the CPU, never loops over images in
+Python and, on a GPU, never waits for the device (``torch.bincount`` and a ``bool()`` range check would
+each read a value back to the host). The summary statistics are computed once, in float64 on the CPU,
+with the reference's ε arithmetic so that the results CSV and ``average_csv.py`` stay comparable with
+published numbers.
 """
 
 from __future__ import annotations
@@ -48,25 +50,49 @@ class StreamSegMetrics:
             raise ValueError(f"n_classes must be positive, got {n_classes}")
         self.n_classes = int(n_classes)
         self.device: torch.device | None = torch.device(device) if device is not None else None
-        self._hist: torch.Tensor | None = None
+        # (n*n + 2,) int64 counts: the flattened matrix Hist[gt, pred] at gt*n + pred, then one bin for
+        # pixels whose ground truth is ignored (IGNORED) and one for out-of-range predictions (BAD_PRED).
+        self._counts: torch.Tensor | None = None
         self.total_samples = 0
         self._synched = False
 
     @property
-    def confusion_matrix(self) -> torch.Tensor:
-        """The raw (n, n) int64 count matrix, on the metric's device."""
-        if self._hist is None:
+    def _ignored_bin(self) -> int:
+        return self.n_classes * self.n_classes
+
+    def _count_vector(self) -> torch.Tensor:
+        if self._counts is None:
             device = self.device if self.device is not None else torch.device("cpu")
-            self._hist = torch.zeros(self.n_classes, self.n_classes, dtype=torch.int64, device=device)
+            self._counts = torch.zeros(self._ignored_bin + 2, dtype=torch.int64, device=device)
             self.device = device
-        return self._hist
+        return self._counts
+
+    @property
+    def confusion_matrix(self) -> torch.Tensor:
+        """The raw (n, n) int64 count matrix, on the metric's device (a view of the running counts)."""
+        n = self.n_classes
+        return self._count_vector()[: n * n].view(n, n)
 
     def reset(self) -> None:
         """Forget everything accumulated (the device is kept)."""
-        if self._hist is not None:
-            self._hist.zero_()
+        if self._counts is not None:
+            self._counts.zero_()
         self.total_samples = 0
         self._synched = False
+
+    def _bad_predictions_message(self, count: int) -> str:
+        n = self.n_classes
+        return (
+            f"{count} predicted pixels lie outside [0, {n}) and cannot be counted in a {n}-class confusion "
+            "matrix: the predictions have more classes than the metric (create it with the number of classes "
+            "seen so far)."
+        )
+
+    def _check_predictions(self) -> None:
+        # On a GPU, out-of-range predictions are counted in the BAD_PRED bin and reported here, at synch()
+        # or get_results(): a per-batch check would stop the host until the device has caught up.
+        if self._counts is not None and (bad := int(self._counts[-1])) > 0:
+            raise ValueError(self._bad_predictions_message(bad))
 
     def update(self, label_trues: ArrayLike, label_preds: ArrayLike) -> None:
         """Add one batch.
@@ -85,28 +111,25 @@ class StreamSegMetrics:
         pred = _as_tensor(label_preds)
         if gt.shape != pred.shape:
             raise ValueError(f"labels {tuple(gt.shape)} and predictions {tuple(pred.shape)} differ in shape")
-        if self._hist is None and self.device is None:
+        if self._counts is None and self.device is None:
             self.device = gt.device
-        hist = self.confusion_matrix
+        counts = self._count_vector()
         n = self.n_classes
-        gt = gt.to(hist.device, non_blocking=True).reshape(-1)
-        pred = pred.to(hist.device, non_blocking=True).reshape(-1)
-        if pred.numel():
-            # An out-of-range prediction would silently land in another cell of the flat index.
-            low, high = torch.aminmax(pred)
-            if bool(low < 0) or bool(high >= n):
-                raise ValueError(
-                    f"predictions outside [0, {n}) cannot be counted in a {n}-class confusion matrix"
-                )
-        invalid = (gt < 0) | (gt >= n)  # 255 and any label of a class the metric does not know
-        # index = n*gt + pred, (B*H*W,) int64, built in place to keep to one large allocation; invalid
-        # pixels go to an extra bin n*n that is dropped below. One bincount, no boolean indexing (which
-        # would force a device sync and a copy).
+        gt = gt.to(counts.device, non_blocking=True).reshape(-1)
+        pred = pred.to(counts.device, non_blocking=True).reshape(-1)
+        # index = n*gt + pred, (B*H*W,) int64, built in place to keep to one large allocation. Pixels with
+        # an ignored ground truth (255, or a class the metric does not know) go to the IGNORED bin; an
+        # out-of-range prediction, which would silently land in another cell, to the BAD_PRED bin.
         index = gt.long() * n
         index += pred.long()
-        index.masked_fill_(invalid, n * n)
-        counts = torch.bincount(index, minlength=n * n + 1)  # (n*n + 1,)
-        hist += counts[: n * n].view(n, n)
+        index.masked_fill_((gt < 0) | (gt >= n), self._ignored_bin)
+        bad_pred = (pred < 0) | (pred >= n)
+        if counts.device.type == "cpu" and bool(bad_pred.any()):
+            # On the CPU the check costs no synchronisation: refuse the batch before counting any of it.
+            raise ValueError(self._bad_predictions_message(int(bad_pred.sum())))
+        index.masked_fill_(bad_pred, self._ignored_bin + 1)
+        # Fixed-size scatter of a broadcast 1 (no (B*H*W,) ones tensor); unlike bincount no host read.
+        counts.scatter_add_(0, index, index.new_ones(()).expand_as(index))
         self.total_samples += _num_images(label_trues)
 
     def synch(self, device: torch.device | str | None = None) -> None:
@@ -123,17 +146,17 @@ class StreamSegMetrics:
         """
         if self._synched:
             return
-        hist = self.confusion_matrix
+        counts = self._count_vector()
         if device is not None:
-            hist = hist.to(device)
-        n = self.n_classes
-        # One collective: (n*n + 1,) int64 = flattened matrix followed by the sample count.
-        packed = torch.cat([hist.reshape(-1), hist.new_tensor([self.total_samples])])
+            counts = counts.to(device)
+        # One collective: (n*n + 3,) int64 = the counts (matrix and the two extra bins), then the samples.
+        packed = torch.cat([counts, counts.new_tensor([self.total_samples])])
         all_reduce_sum(packed)
-        self._hist = packed[: n * n].view(n, n).clone()
-        self.device = self._hist.device
-        self.total_samples = int(packed[n * n].item())
+        self._counts = packed[:-1].clone()
+        self.device = self._counts.device
+        self.total_samples = int(packed[-1].item())
         self._synched = True
+        self._check_predictions()
 
     def get_results(self) -> dict[str, Any]:
         """Summary statistics of the accumulated matrix (§9), keys in the reference order.
@@ -143,6 +166,7 @@ class StreamSegMetrics:
         "Confusion Matrix" is the row-normalised matrix as a numpy array; draw it with
         :func:`confusion_matrix_to_fig`.
         """
+        self._check_predictions()
         hist = self.confusion_matrix.detach().cpu().numpy().astype(np.float64)
         gt_sum = hist.sum(axis=1)
         pred_sum = hist.sum(axis=0)

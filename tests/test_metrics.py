@@ -336,3 +336,39 @@ def test_predictions_out_of_range_in_a_middle_row_are_refused() -> None:
     with pytest.raises(ValueError, match="outside"):
         metrics.update(torch.zeros(1, 1, 2, dtype=torch.long), torch.tensor([[[3, -1]]]))
     assert metrics.confusion_matrix.sum().item() == 0
+
+
+def test_update_never_reads_the_device_back() -> None:
+    """Off the CPU, update() queues work only: no .item()/bool() (aten._local_scalar_dense), no bincount
+    (whose CUDA kernel reads its input's min and max back). Checked on the meta device, where every op runs
+    the same Python path as on a GPU but a host read is visible as an op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    metrics = StreamSegMetrics(4, device="meta")
+    gt = torch.zeros(2, 8, 8, dtype=torch.uint8, device="meta")
+    pred = torch.zeros(2, 8, 8, dtype=torch.long, device="meta")
+    with Record() as record:
+        metrics.update(gt, pred)
+        metrics.update(gt, pred)
+    assert any("scatter_add" in op for op in record.ops)
+    assert not [op for op in record.ops if "_local_scalar_dense" in op or "bincount" in op or "nonzero" in op]
+
+
+def test_out_of_range_predictions_counted_on_device_are_reported_at_results() -> None:
+    # What a GPU run accumulates without checking (see update): the report comes at synch/get_results.
+    metrics = StreamSegMetrics(3)
+    metrics.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 2, dtype=torch.long))
+    metrics._count_vector()[-1] += 2  # two predictions of class 3 counted in the BAD_PRED bin
+    with pytest.raises(ValueError, match="2 predicted pixels lie outside"):
+        metrics.get_results()
+    with pytest.raises(ValueError, match="outside"):
+        metrics.synch()
