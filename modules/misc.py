@@ -10,9 +10,15 @@ weights and checkpoints load unchanged and give the same activations:
   all processes of a ``torch.distributed`` group.
 * :class:`BatchNormAct2d`: ``nn.BatchNorm2d`` plus the same activation attributes, for ``--norm_act std``.
 
-"In place" only described how the compiled kernels saved memory; the layers here allocate their output
-normally. ``recompute=True`` (``--recompute_abn``) recovers most of that saving by recomputing the
-normalisation in backward.
+"In place" described how the compiled kernels saved memory: they keep only the layer's output for backward and
+recover the normalised input from it by inverting the activation and the affine map, which is why the scale
+must be ``|weight| + eps`` (Rota Bulò et al., "In-Place Activated BatchNorm for Memory-Optimized Training of
+DNNs", CVPR 2018, §3). By default the layers here let autograd keep the layer input and its output (the
+fastest path). ``recompute=True`` (``--recompute_abn``) switches :class:`InPlaceABN` and
+:class:`InPlaceABNSync` with an invertible activation (leaky ReLU, ELU, identity) to the same output-only
+scheme (:class:`_InvertibleABNFunction`), which frees one activation-sized tensor per layer. The other layers
+(plain ABN, whose raw weight may be 0, ReLU, BatchNormAct2d) cannot be inverted; they recompute the
+normalisation under activation checkpointing instead, which keeps their input and saves little.
 
 Per channel, in training: ``mu``, ``var`` = mean and biased variance over (N, H, W); the running variance is
 updated with the unbiased variance ``var * n / (n - 1)``; ``num_batches_tracked`` grows by one per training
@@ -61,8 +67,11 @@ def abs_plus_eps(weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``|weight| + eps`` whose gradient is ``sign(weight)`` with +1 at 0, as in inplace_abn.
 
     ``torch.abs`` has gradient 0 at 0, which would freeze a weight that is exactly 0; ``where(w >= 0, w, -w)``
-    takes the ``w`` branch at 0 and so has gradient +1 there.
+    takes the ``w`` branch at 0 and so has gradient +1 there. Without a gradient to track (the frozen old
+    model, validation) the same values come from ``abs`` in two kernels instead of four.
     """
+    if not (weight.requires_grad and torch.is_grad_enabled()):
+        return weight.abs() + eps
     return torch.where(weight >= 0, weight, -weight) + eps
 
 
@@ -100,6 +109,148 @@ def _run_maybe_recomputed(
         return fn(inp, update)
 
     return checkpoint(run, x, use_reentrant=False)
+
+
+def _global_statistics(
+    xf: torch.Tensor, group: Any, all_reduce: Callable[[torch.Tensor, Any], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean and biased variance (C,) of a float32 (N, C, *) input over the batches of all ranks of ``group``.
+
+    Each rank sums count, sum and sum of squares into one (2C + 1,) tensor for a single all-reduce, so ranks
+    with different batch sizes combine exactly by count. Statistics are float32 even under autocast:
+    sum-of-squares variance cancels badly in half precision. Returns ``(mean, var, count)``, count a (1,)
+    tensor (kept on the device: no synchronisation).
+    """
+    channels = xf.shape[1]
+    dims = [d for d in range(xf.dim()) if d != 1]
+    count = xf.new_full((1,), float(xf.numel() // channels))
+    stats = all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]), group)
+    n = stats[-1:]
+    mean = stats[:channels] / n
+    var = (stats[channels : 2 * channels] / n - mean * mean).clamp_min(0.0)
+    return mean, var, n
+
+
+def _all_reduce_sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def _batch_statistics(x: torch.Tensor, group: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean and biased variance (C,) float32 of ``x`` (N, C, *), and the value count, without autograd.
+
+    Local statistics use ``torch.var_mean`` (one pass, numerically stable); with a group, see
+    :func:`_global_statistics`.
+    """
+    xf = x.detach().float()
+    if group is None:
+        dims = [d for d in range(x.dim()) if d != 1]
+        var, mean = torch.var_mean(xf, dims, correction=0)
+        return mean, var, xf.new_full((1,), float(x.numel() // x.shape[1]))
+    return _global_statistics(xf, group, _all_reduce_sum)
+
+
+def _invertible_activation(activation: str, param: float) -> bool:
+    # ReLU (or a leaky ReLU / ELU with parameter 0) maps every negative value to 0: its input cannot be
+    # recovered from its output.
+    return activation == "identity" or (activation in ("leaky_relu", "elu") and param > 0)
+
+
+class _InvertibleABNFunction(torch.autograd.Function):
+    """``act(batch_norm(x) * gamma + beta)`` with ``gamma > 0`` that saves only its output for backward.
+
+    The memory scheme of In-Place ABN (Rota Bulò et al., CVPR 2018, §3, Eqs. 5-8). Forward keeps ``y`` (the
+    activated output, which the next convolution keeps anyway) and per-channel vectors; the input ``x``
+    is not referenced, so it is freed as soon as its producer is done. Backward inverts the activation and
+    the affine map:
+
+        z = act^-1(y),  dz = dy * act'(z),  x_hat = (z - beta) / gamma,
+        dx = gamma / sigma * (dz - mean(dz) - x_hat * mean(dz * x_hat))   (training; means over N, H, W)
+        dx = gamma / sigma * dz                                          (running statistics)
+        dgamma = sum(dz * x_hat),  dbeta = sum(dz)
+
+    With a process group the two means are taken over the global batch (one all-reduce of 2C values), while
+    ``dgamma``/``dbeta`` stay per-rank contributions that DDP sums, as for the autograd path.
+
+    Inputs: ``x`` (N, C, *), ``weight``/``bias`` (C,) or None, ``mean``/``var`` (C,) float32 statistics
+    used for the normalisation (batch or running), ``count`` the number of values per channel they were
+    taken over (global with a group), ``training`` whether they are batch statistics (then they depend on
+    ``x``), ``eps``, ``activation``/``slope``, ``group`` or None. ``weight`` is the raw parameter; the scale
+    is ``|weight| + eps`` with gradient ``sign(weight)``, +1 at 0 (as :func:`abs_plus_eps`).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        count: float,
+        training: bool,
+        eps: float,
+        activation: str,
+        slope: float,
+        group: Any,
+    ) -> torch.Tensor:
+        gamma = weight.detach().abs() + eps if weight is not None else None  # (C,), > 0
+        # One fused kernel with the given statistics, output in x's dtype (fp32 arithmetic inside).
+        y = F.batch_norm(x, mean, var, gamma, bias.detach() if bias is not None else None, False, 0.0, eps)
+        y = apply_activation(y, activation, slope, inplace=True)
+        rstd = torch.rsqrt(var + eps)  # (C,) float32
+        ctx.save_for_backward(y, weight, bias, rstd)
+        ctx.config = (count, training, eps, activation, slope, group)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        y, weight, bias, rstd = ctx.saved_tensors
+        count, training, eps, activation, slope, group = ctx.config
+        channels = y.shape[1]
+        shape = [1, channels] + [1] * (y.dim() - 2)
+        dims = [d for d in range(y.dim()) if d != 1]
+        # (N, C, *) float32: the sums below lose too much in half precision (no copy for float32).
+        yf, dyf = y.float(), dy.float()
+        gamma = weight.detach().float().abs() + eps if weight is not None else torch.ones_like(rstd)
+        beta = bias.detach().float() if bias is not None else torch.zeros_like(rstd)
+        beta_ = beta.view(shape)
+        # dz = dL/dz from the output (the output has the sign of z), and gamma * x_hat = z - beta with
+        # z = act^-1(y): one kernel and one fresh tensor each.
+        if activation == "leaky_relu":
+            dz = torch.ops.aten.leaky_relu_backward(dyf, yf, slope, True)
+            zc = F.leaky_relu(yf, 1.0 / slope).sub_(beta_)
+        elif activation == "elu":
+            dz = torch.ops.aten.elu_backward(dyf, slope, 1, 1, True, yf)  # dy * (y + alpha) where y < 0
+            zc = torch.where(yf < 0, torch.log1p(yf / slope), yf).sub_(beta_)
+        else:  # identity: dz is updated in place below and must not alias the incoming gradient
+            dz, zc = dyf.clone(), yf - beta_
+        # Per-rank sums (C,): S1 = sum(dz), S2 = sum(dz * x_hat) = sum(dz * (z - beta)) / gamma. Subtracting
+        # beta before the product keeps the error of S2 that of an elementwise x_hat (channels with
+        # gamma ~ eps amplify any cancellation by 1 / gamma).
+        sum_dz = dz.sum(dims)
+        sum_dz_xhat = (dz * zc).sum(dims) / gamma
+        dx = None
+        if ctx.needs_input_grad[0]:
+            a = gamma * rstd  # (C,)
+            if training:
+                totals = torch.cat([sum_dz, sum_dz_xhat])
+                if group is not None:
+                    dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=group)
+                m1, m2 = totals[:channels] / count, totals[channels:] / count
+                # dx = a * (dz - m1 - x_hat * m2) = a * dz - (rstd * m2) * (z - beta) - a * m1, three
+                # in-place passes over dz and no further activation-sized tensor.
+                dx = dz.mul_(a.view(shape)).addcmul_(zc, (-rstd * m2).view(shape)).sub_((a * m1).view(shape))
+            else:
+                dx = dz.mul_(a.view(shape))
+            dx = dx.to(dy.dtype)
+        d_weight = d_bias = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            sign = torch.where(weight.detach() >= 0, 1.0, -1.0)
+            d_weight = (sum_dz_xhat * sign).to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            d_bias = sum_dz.to(bias.dtype)
+        return dx, d_weight, d_bias, None, None, None, None, None, None, None, None
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -235,11 +386,53 @@ class ABN(nn.Module):
         # y is a fresh tensor that batch_norm's backward does not need: the activation may overwrite it.
         return apply_activation(y, self.activation, self.activation_param, inplace=True)
 
+    def _invertible(self) -> bool:
+        """Whether backward may recover the input from the output: needs a scale that is never 0."""
+        return False
+
+    def _save_output_only(self) -> bool:
+        return self.recompute and torch.is_grad_enabled() and self._invertible()
+
+    def _update_running(
+        self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor, momentum: float
+    ) -> None:
+        """Update the running statistics from a batch ``mean`` and biased ``var`` (C,) of ``count`` values."""
+        with torch.no_grad():
+            # No .item(): the unbiased correction n / (n - 1) stays on the device.
+            unbiased = var * (count / (count - 1.0).clamp_min(1.0))
+            self.running_mean.mul_(1 - momentum).add_(mean.to(self.running_mean.dtype), alpha=momentum)
+            self.running_var.mul_(1 - momentum).add_(unbiased.to(self.running_var.dtype), alpha=momentum)
+
+    def _output_only_forward(self, x: torch.Tensor, group: Any, momentum: float) -> torch.Tensor:
+        """The ``recompute`` path of invertible layers: see :class:`_InvertibleABNFunction`."""
+        if self.training:
+            mean, var, count = _batch_statistics(x, group)
+            self._update_running(mean, var, count, momentum)
+        else:
+            mean, var, count = self.running_mean.float(), self.running_var.float(), x.new_ones(())
+        return _InvertibleABNFunction.apply(
+            x,
+            self.weight,
+            self.bias,
+            mean,
+            var,
+            count,
+            self.training,
+            self.eps,
+            self.activation,
+            self.activation_param,
+            group,
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
+            if self._save_output_only():
+                return self._output_only_forward(x, None, 0.0)
             return self._local_forward(x, 0.0, False)
         _check_batch_size(x)
         momentum = self._momentum()
+        if self._save_output_only():
+            return self._output_only_forward(x, None, momentum)
         return _run_maybe_recomputed(
             lambda inp, update: self._local_forward(inp, momentum, update), x, self.recompute
         )
@@ -279,6 +472,9 @@ class InPlaceABN(ABN):
 
     def _scale(self) -> torch.Tensor | None:
         return abs_plus_eps(self.weight, self.eps) if self.weight is not None else None
+
+    def _invertible(self) -> bool:
+        return _invertible_activation(self.activation, self.activation_param)
 
 
 class InPlaceABNSync(InPlaceABN):
@@ -332,23 +528,10 @@ class InPlaceABNSync(InPlaceABN):
         self, x: torch.Tensor, group: Any, momentum: float, update_running: bool
     ) -> torch.Tensor:
         channels = x.shape[1]
-        # Statistics in fp32 even under autocast: sum-of-squares variance cancels badly in half precision.
         xf = x.float()
-        dims = [d for d in range(x.dim()) if d != 1]
-        count = xf.new_full((1,), float(x.numel() // channels))
-        # (2C + 1,) = [sum_c, sum of squares_c, count] -> one all-reduce.
-        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
-        stats = all_reduce_sum_differentiable(stats, group)
-        n = stats[-1]
-        mean = stats[:channels] / n
-        var = (stats[channels : 2 * channels] / n - mean * mean).clamp_min(0.0)
-
+        mean, var, n = _global_statistics(xf, group, all_reduce_sum_differentiable)
         if update_running:
-            with torch.no_grad():
-                # No .item(): the unbiased correction n / (n - 1) stays on the device.
-                unbiased = var * (n / (n - 1.0).clamp_min(1.0))
-                self.running_mean.mul_(1 - momentum).add_(mean.to(self.running_mean.dtype), alpha=momentum)
-                self.running_var.mul_(1 - momentum).add_(unbiased.to(self.running_var.dtype), alpha=momentum)
+            self._update_running(mean, var, n, momentum)
 
         # y = x * scale + shift, scale = (|w| + eps) / sqrt(var + eps), shift = b - mean * scale; (C,) each.
         scale = torch.rsqrt(var + self.eps)
@@ -369,6 +552,8 @@ class InPlaceABNSync(InPlaceABN):
         # Reference behaviour (§5.1): the check is per rank, as in inplace_abn.
         _check_batch_size(x)
         momentum = self._momentum()
+        if self._save_output_only():
+            return self._output_only_forward(x, group, momentum)
         return _run_maybe_recomputed(
             lambda inp, update: self._sync_forward(inp, group, momentum, update), x, self.recompute
         )

@@ -147,9 +147,10 @@ def test_recompute_abn_gives_same_gradients():
     out_plain, out_recomputed = plain(x), recomputed(x)
     out_plain.square().mean().backward()
     out_recomputed.square().mean().backward()
-    torch.testing.assert_close(out_plain, out_recomputed, rtol=0, atol=0)
+    # The output-only path normalises with var_mean statistics in one fused eval kernel: float32 rounding.
+    torch.testing.assert_close(out_plain, out_recomputed, rtol=1e-5, atol=1e-6)
     for (name, p1), (_, p2) in zip(plain.named_parameters(), recomputed.named_parameters()):
-        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-6, msg=name)
     torch.testing.assert_close(plain.state_dict(), recomputed.state_dict())
 
 
