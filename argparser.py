@@ -164,7 +164,8 @@ def _add_performance_args(parser: argparse.ArgumentParser) -> None:
         "--recompute_abn",
         action="store_true",
         default=False,
-        help="recompute normalisation in the backward pass to save activation memory",
+        help="in-place ABN layers keep only their output for backward and invert it there (in-place ABN's "
+        "memory scheme: less activation memory, slower)",
     )
     group.add_argument(
         "--no_cudnn_benchmark",

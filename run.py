@@ -30,6 +30,7 @@ from metrics import StreamSegMetrics, confusion_matrix_to_fig
 from segmentation_module import make_model
 from train import Trainer
 from utils import distributed as dist_utils
+from utils.allocator import keep_freed_memory
 from utils.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from utils.errors import CheckpointError, DatasetError, OptionsError, TrainingError, UserError
 from utils.logger import Logger
@@ -124,6 +125,9 @@ def setup_runtime(opts: Any) -> dist_utils.DistInfo:
     if device == "cuda" and not torch.cuda.is_available():
         raise OptionsError("--device cuda was asked for, but no CUDA device is visible. Use --device cpu.")
     info = dist_utils.init_distributed(device)
+    if info.device.type == "cpu":
+        # Freed activations are reused instead of being unmapped and faulted in again (utils/allocator.py).
+        keep_freed_memory()
     if info.device.type == "cuda":
         torch.backends.cudnn.benchmark = not (opts.no_cudnn_benchmark or opts.deterministic)
         torch.backends.cuda.matmul.allow_tf32 = True
