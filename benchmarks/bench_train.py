@@ -187,6 +187,11 @@ def run_jobs(payload: dict[str, Any]) -> dict[str, Any]:
 
     if payload.get("threads"):
         torch.set_num_threads(payload["threads"])
+    if payload.get("malloc", "run") == "run":
+        common.setup_paths()
+        from utils.allocator import keep_freed_memory
+
+        keep_freed_memory()  # what run.py does on the CPU (a no-op for GPU memory)
     results = []
     for job in payload["jobs"]:
         try:
@@ -407,7 +412,7 @@ def render(payload: dict[str, Any]) -> str:
     lines = [
         f"bench_train {payload['date']}  device={cfg['device']}  backbone={cfg['backbone']} OS16  "
         f"crop={cfg['crop']}  batch={cfg['batch']}  precision={cfg['precision']}  "
-        f"memory_format={cfg['memory_format']}  abn={cfg['abn']}  malloc={cfg.get('malloc', 'default')}",
+        f"memory_format={cfg['memory_format']}  abn={cfg['abn']}  malloc={cfg.get('malloc', 'run')}",
         f"machine: {machine['cpu']} ({machine['cpu_cores']} cores), torch {machine['torch']}, "
         f"{threads} torch threads, load average {common.fmt(machine.get('loadavg_1min'))} at start"
         + (f", GPU {machine['gpu']}" if machine.get("gpu") else ""),
@@ -520,10 +525,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--malloc",
-        choices=["default", "no_trim"],
-        default="default",
-        help="CPU allocator setting of the workers: glibc defaults, or no_trim (fixed 4 GiB mmap threshold, "
-        "no trimming: freed activations are reused instead of being unmapped and faulted in again)",
+        choices=["run", "default", "no_trim"],
+        default="run",
+        help="CPU allocator setting of the workers: run (as run.py: utils/allocator.py keeps freed memory "
+        "for reuse), default (glibc's adaptive thresholds: freed activations are unmapped and faulted in "
+        "again), or no_trim (the same as run through MALLOC_* variables at start-up)",
     )
     parser.add_argument(
         "--one_process",
@@ -580,7 +586,10 @@ def execute(args: argparse.Namespace, config: dict[str, Any], device: Any) -> tu
 
     def launch(batch: list[dict]) -> list[dict]:
         out = common.run_worker(
-            script, {"jobs": batch, "threads": args.threads}, timeout=args.timeout, env=_worker_env(args)
+            script,
+            {"jobs": batch, "threads": args.threads, "malloc": args.malloc},
+            timeout=args.timeout,
+            env=_worker_env(args),
         )
         return out["results"] if "results" in out else [out] * len(batch)
 
@@ -618,7 +627,9 @@ def execute_paired(args: argparse.Namespace, config: dict[str, Any], device: Any
         results = []
         for build_order in ("ours_first", "baseline_first"):
             out = common.run_worker(
-                script, {"jobs": [{**job, "build_order": build_order}], "threads": args.threads},
+                script,
+                {"jobs": [{**job, "build_order": build_order}], "threads": args.threads,
+                 "malloc": args.malloc},
                 timeout=args.timeout, env=_worker_env(args),
             )  # fmt: skip
             results.append(out["results"][0] if "results" in out else out)
