@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py --smoke
 	$(PY) benchmarks/bench_eval.py --smoke
 	$(PY) benchmarks/bench_data.py --smoke
+	$(PY) benchmarks/bench_memory.py --smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache

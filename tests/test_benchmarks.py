@@ -120,3 +120,17 @@ def test_bench_data_compares_with_training_json(tmp_path: Path) -> None:
         sys.path.remove(str(ROOT / "benchmarks"))
     ref = bench_data.train_reference(str(train_json), 64)
     assert ref["crop_matches"] and ref["step1_img_per_s"] == 1.0 and ref["step0_img_per_s"] == 2.0
+
+
+def test_bench_memory_smoke(tmp_path: Path) -> None:
+    stdout, payload = run_smoke("bench_memory.py", tmp_path)
+    assert "saved / baseline" in stdout
+    rows = {(r["step"], r["variant"]): r for r in payload["results"]}
+    assert set(rows) == {(s, v) for s in (1, 0) for v in ("ours", "ours --recompute_abn", "baseline")}
+    for step in (1, 0):
+        ours, recompute = rows[(step, "ours")], rows[(step, "ours --recompute_abn")]
+        # Same network, same saved tensors as the plain-PyTorch baseline, up to the ABN's per-channel vectors.
+        assert ours["ratio_to_baseline"] == pytest.approx(1.0, abs=0.01)
+        # The output-only scheme drops the inputs of the leaky-activated in-place ABN layers.
+        assert recompute["saved_bytes"] < ours["saved_bytes"] * 0.99
+        assert ours["param_bytes"] == recompute["param_bytes"] > 0
