@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dataset.transform import normalize_on_device
 from models import build_backbone
 from modules import (
     ABN,
@@ -321,7 +322,8 @@ class IncrementalSegmentationModule(nn.Module):
         first_new = self.tot_classes - num_new - modes + 1  # label of the first new class
         winners = torch.zeros(modes * num_new, dtype=torch.long, device=device)
         for batch in train_loader:
-            images, labels = batch[0].to(device), batch[1].to(device)
+            # uint8 images from the presets are normalised on the device (float batches pass through).
+            images, labels = normalize_on_device(batch[0], device), batch[1].to(device)
             winner = self(images, only_bg=True)[0].argmax(dim=1)  # (B, H, W)
             # The reference counts 0 < label < 255, i.e. only new classes under the default masking.
             mask = (labels >= first_new) & (labels < first_new + num_new)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from dataset.transform import normalize_on_device
 from utils import distributed as dist_utils
 from utils.errors import TrainingError
 from utils.loss_terms import (
@@ -130,8 +131,14 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_enabled)
 
     def _to_device(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Loader batch -> (normalised float32 images (B, 3, H, W), int64 labels (B, H, W)) on the device.
+
+        The presets deliver uint8 images; they cross to the device as uint8 (4x less traffic than float32)
+        and are normalised there, bitwise as the reference's worker-side ToTensor + Normalize
+        (:func:`dataset.transform.normalize_on_device`). Float batches from hand-built pipelines pass.
+        """
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        images = images.to(self.device, dtype=torch.float32, non_blocking=True, memory_format=memory_format)
+        images = normalize_on_device(images, self.device, memory_format=memory_format)
         # Labels travel as uint8 (4x less host-device traffic) and become long on the device.
         labels = labels.to(self.device, non_blocking=True).long()
         return images, labels
@@ -178,7 +185,8 @@ class Trainer:
             return
 
         def old_logits(images: Tensor) -> Tensor:
-            images = images.to(self.device, dtype=torch.float32)
+            # find_median hands over normalised float32 images already; this only guards other callers.
+            images = normalize_on_device(images, self.device)
             with torch.no_grad(), self._autocast():
                 return self.model_old(images)[0].float()
 

@@ -6,11 +6,16 @@ The data are VOC-sized (height 375, width 375-500) JPEG images and palettised PN
 (``VOCSegmentationIncremental`` with the training preset of ``dataset/transform.py``):
 
 * ``decode``: ``PIL.Image.open(...).convert("RGB")`` of the image and loading the mask, one process;
-* ``getitem``: the dataset's ``__getitem__`` (decode + RandomResizedCrop + flip + to-tensor + normalise +
+* ``getitem``: the dataset's ``__getitem__`` (decode + RandomResizedCrop + flip + to a uint8 tensor +
   label lookup table), one process; ``transform`` = getitem - decode;
 * ``collate``: ``default_collate`` of a batch;
 * the DataLoader as ``run.py`` builds it (batch ``--batch``, ``drop_last``, persistent workers), for each
   worker count: images/s in steady state (after the first batch) and the time to the first batch;
+* the same stages, interleaved with the above in the same run, for the float pipeline the presets used
+  before (``ToTensor`` + ``Normalize`` in the worker, float32 batches): keys ``float_pipeline`` and
+  ``comparison`` of the JSON, ratios > 1 in favour of uint8. The uint8 batches are normalised later by
+  ``dataset.transform.normalize_on_device``; its cost per batch (on CUDA when there is one, with the
+  host-to-device copy, else on the CPU in the main process) is measured against moving a float batch;
 * the first filtering scan of the split (every mask read once, ``scan_masks``), in-process and with
   ``--scan_workers`` processes, in masks/s, on a split of ``--scan_masks`` entries (masks copied from the
   generated ones; the scan uses a pool only from 512 masks on).
@@ -28,6 +33,8 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import importlib.util
 import json
 import os
@@ -87,18 +94,48 @@ def make_scan_root(data_root: Path, out: Path, n_masks: int) -> Path:
     return out
 
 
+#: The pipelines compared: the training preset now (uint8 images) and before (float32, normalised).
+PIPELINES = ("uint8", "float")
+
+
+def pipeline_transform(pipeline: str, crop: int) -> Any:
+    """The training transform of ``pipeline``: ``"uint8"`` = ``train_transform`` (ends with PILToTensor),
+    ``"float"`` = the same geometry then ``ToTensor`` + ``Normalize`` in the worker, as before."""
+    common.setup_paths()
+    from dataset import transform as T
+
+    if pipeline == "uint8":
+        return T.train_transform(crop)
+    if pipeline == "float":
+        return T.Compose(
+            [
+                T.RandomResizedCrop(crop, scale=(0.5, 2.0)),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(T.MEAN, T.STD),
+            ]
+        )
+    raise ValueError(f"unknown pipeline {pipeline!r}: expected one of {PIPELINES}")
+
+
+def with_pipeline(dataset: Any, pipeline: str, crop: int) -> Any:
+    """A shallow copy of ``dataset`` (same filtered indices, no new scan) with ``pipeline``'s transform."""
+    other = copy.copy(dataset)
+    other.transform = pipeline_transform(pipeline, crop)
+    return other
+
+
 def build_train_set(root: Path, crop: int, scan_workers: int = 0) -> Any:
     """The training set of VOC 15-5 step 0 with the training transform, filtered now (no index cache)."""
     common.setup_paths()
     import tasks
     from dataset import VOCSegmentationIncremental
-    from dataset.transform import train_transform
 
     labels, labels_old, _ = tasks.get_task_labels(common.BENCH_DATASET, common.BENCH_TASK, 0)
     return VOCSegmentationIncremental(
         root,
         train=True,
-        transform=train_transform(crop),
+        transform=pipeline_transform("uint8", crop),
         labels=list(labels),
         labels_old=list(labels_old),
         idxs_path=None,
@@ -175,6 +212,69 @@ def time_loader(dataset: Any, batch: int, workers: int, n_batches: int, pin: boo
     }
 
 
+def time_to_device(dataset: Any, batch: int, repeats: int, pin: bool) -> dict[str, Any]:
+    """ms per batch of ``normalize_on_device`` on one collated batch, and the batch's bytes.
+
+    On CUDA (when available) this is the host-to-device copy plus, for uint8, the conversion and
+    normalisation there; on the CPU it is the normalisation the main process now does (a float batch
+    only passes through).
+    """
+    import torch
+    from torch.utils.data import default_collate
+
+    from dataset.transform import normalize_on_device
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    images = default_collate([dataset[i % len(dataset)] for i in range(batch)])[0]  # (B, 3, H, W)
+    if pin and device.type == "cuda":
+        images = images.pin_memory()
+    times = []
+    for _ in range(repeats + 1):  # the first call creates the cached constants: not timed
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        normalize_on_device(images, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {
+        "device": str(device),
+        "dtype": str(images.dtype).replace("torch.", ""),
+        "batch_bytes": images.numel() * images.element_size(),
+        "ms_per_batch": 1e3 * common.median(times[1:]),
+    }
+
+
+def compare(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """Ratios of the float pipeline's costs to the uint8 one's (> 1: uint8 is better)."""
+    ratio = common.safe_ratio
+    return {
+        "getitem_speedup": ratio(old["serial"]["getitem_ms"], new["serial"]["getitem_ms"]),
+        "transform_speedup": ratio(old["serial"]["transform_ms"], new["serial"]["transform_ms"]),
+        "transform_ms_saved": old["serial"]["transform_ms"] - new["serial"]["transform_ms"],
+        "collate_speedup": ratio(
+            old["serial"]["collate_ms_per_batch"], new["serial"]["collate_ms_per_batch"]
+        ),
+        "batch_bytes_ratio": ratio(old["to_device"]["batch_bytes"], new["to_device"]["batch_bytes"]),
+        "to_device_ms_ratio": ratio(old["to_device"]["ms_per_batch"], new["to_device"]["ms_per_batch"]),
+        "loader_img_per_s_ratio": {
+            str(a["workers"]): ratio(a["img_per_s"], b["img_per_s"])
+            for a, b in zip(new["loader"], old["loader"], strict=True)
+        },
+    }
+
+
+def serial_summary(serial: dict[str, float], collate: float) -> dict[str, float]:
+    return {
+        "decode_img_per_s": 1 / serial["decode_s"],
+        "getitem_img_per_s": 1 / serial["getitem_s"],
+        "decode_ms": 1e3 * serial["decode_s"],
+        "transform_ms": 1e3 * serial["transform_s"],
+        "getitem_ms": 1e3 * serial["getitem_s"],
+        "collate_ms_per_batch": 1e3 * collate,
+    }
+
+
 def time_scan(root: Path, workers: int) -> float:
     """Seconds of the first filtering scan of the split under ``root`` (dataset construction)."""
     t0 = time.perf_counter()
@@ -213,13 +313,33 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     else:
         root = work / "voc"
         t0 = time.perf_counter()
-        load_make_synthetic().make_synthetic("voc", root, args.num_images, 1, 375, 0, args.gen_workers)
+        # The generator reports on stdout; keep stdout for the table or the JSON (--json).
+        with contextlib.redirect_stdout(sys.stderr):
+            load_make_synthetic().make_synthetic("voc", root, args.num_images, 1, 375, 0, args.gen_workers)
         generated = {"images": args.num_images, "seconds": time.perf_counter() - t0, "height": 375}
 
     dataset = build_train_set(root, args.crop)
-    serial = time_serial(dataset, args.serial_images)
-    collate = time_collate(dataset, args.batch, 5)
-    loaders = [time_loader(dataset, args.batch, w, args.loader_batches, args.pin) for w in args.workers]
+    datasets = {p: with_pipeline(dataset, p, args.crop) for p in PIPELINES}
+    # Each stage runs for both pipelines back to back, so that both see the same machine state.
+    results: dict[str, dict[str, Any]] = {p: {"loader": []} for p in PIPELINES}
+    for p in PIPELINES:
+        results[p]["serial_raw"] = time_serial(datasets[p], args.serial_images)
+    for p in PIPELINES:
+        results[p]["serial"] = serial_summary(
+            results[p].pop("serial_raw"), time_collate(datasets[p], args.batch, 5)
+        )
+    for w in args.workers:
+        for p in PIPELINES:
+            results[p]["loader"].append(
+                time_loader(datasets[p], args.batch, w, args.loader_batches, args.pin)
+            )
+    for p in PIPELINES:
+        results[p]["to_device"] = time_to_device(datasets[p], args.batch, 5, args.pin)
+        by_w = {row["workers"]: row for row in results[p]["loader"]}
+        row = by_w.get(DEFAULT_NUM_WORKERS)
+        results[p]["default_workers_img_per_s"] = row["img_per_s"] if row else None
+    new, old = results["uint8"], results["float"]
+    loaders = new["loader"]
 
     scan_root = make_scan_root(root, work / "scan", args.scan_masks)
     scan_serial = time_scan(scan_root, 0)
@@ -245,17 +365,17 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "pin_memory": args.pin,
             "threads": args.threads,
             "smoke": args.smoke,
+            "pipeline": "uint8 (train_transform: PILToTensor; normalize_on_device on the consumer side)",
         },
         "generated": generated,
-        "serial": {
-            "decode_img_per_s": 1 / serial["decode_s"],
-            "getitem_img_per_s": 1 / serial["getitem_s"],
-            "decode_ms": 1e3 * serial["decode_s"],
-            "transform_ms": 1e3 * serial["transform_s"],
-            "getitem_ms": 1e3 * serial["getitem_s"],
-            "collate_ms_per_batch": 1e3 * collate,
-        },
+        "serial": new["serial"],
         "loader": loaders,
+        "to_device": new["to_device"],
+        "float_pipeline": {
+            "description": "ToTensor + Normalize in the worker (the preset before uint8), float32 batches",
+            **old,
+        },
+        "comparison": compare(new, old),
         "scan": {
             "serial_masks_per_s": args.scan_masks / scan_serial,
             "parallel_masks_per_s": args.scan_masks / scan_parallel,
@@ -284,6 +404,58 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return payload
 
 
+def render_comparison(payload: dict[str, Any]) -> str:
+    """The uint8 pipeline next to the float one: per-image, per-batch and DataLoader figures."""
+    new, old, cmp = payload, payload["float_pipeline"], payload["comparison"]
+    cfg = payload["config"]
+    dev = new["to_device"]["device"]
+    to_device = "H2D copy + normalise" if dev.startswith("cuda") else "normalise (main process)"
+    rows = [
+        [
+            "__getitem__ ms/img",
+            new["serial"]["getitem_ms"],
+            old["serial"]["getitem_ms"],
+            cmp["getitem_speedup"],
+        ],
+        [
+            "transforms + LUT ms/img",
+            new["serial"]["transform_ms"],
+            old["serial"]["transform_ms"],
+            cmp["transform_speedup"],
+        ],
+        [
+            f"collate ms/batch of {cfg['batch']}",
+            new["serial"]["collate_ms_per_batch"],
+            old["serial"]["collate_ms_per_batch"],
+            cmp["collate_speedup"],
+        ],
+        [
+            "image batch MiB",
+            new["to_device"]["batch_bytes"] / 2**20,
+            old["to_device"]["batch_bytes"] / 2**20,
+            cmp["batch_bytes_ratio"],
+        ],
+        [
+            f"{to_device} on {dev}, ms/batch",
+            new["to_device"]["ms_per_batch"],
+            old["to_device"]["ms_per_batch"],
+            cmp["to_device_ms_ratio"],
+        ],
+    ]
+    for a, b in zip(new["loader"], old["loader"], strict=True):
+        rows.append(
+            [
+                f"DataLoader {a['workers']} workers img/s",
+                a["img_per_s"],
+                b["img_per_s"],
+                cmp["loader_img_per_s_ratio"][str(a["workers"])],
+            ]
+        )
+    return common.format_table(
+        ["uint8 vs float32 pipeline", "uint8 (now)", "float32 (before)", "ratio (>1: uint8 better)"], rows
+    )
+
+
 def render(payload: dict[str, Any]) -> str:
     cfg, serial, scan = payload["config"], payload["serial"], payload["scan"]
     machine = payload["machine"]
@@ -297,7 +469,7 @@ def render(payload: dict[str, Any]) -> str:
             ["stage (1 process)", "ms/img", "img/s"],
             [
                 ["JPEG decode + mask load", serial["decode_ms"], serial["decode_img_per_s"]],
-                ["train transforms + LUT", serial["transform_ms"], None],
+                ["train transforms + LUT (uint8)", serial["transform_ms"], None],
                 ["__getitem__ (all of it)", serial["getitem_ms"], serial["getitem_img_per_s"]],
                 [f"collate (per batch of {cfg['batch']})", serial["collate_ms_per_batch"], None],
             ],
@@ -320,6 +492,8 @@ def render(payload: dict[str, Any]) -> str:
             ],
         ),
         f"scan speed-up: {scan['speedup']:.2f}x on {cfg['scan_masks']} masks",
+        "",
+        render_comparison(payload),
     ]
     ref = payload.get("train_reference")
     if ref:

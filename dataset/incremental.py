@@ -507,7 +507,10 @@ class IncrementalSegmentationDataset(Dataset):
         return image, label
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(image float (3, H, W), label uint8 (H, W))`` after the joint transform and the LUT."""
+        """``(image (3, H, W), label uint8 (H, W))`` after the joint transform and the LUT.
+
+        The image is ``uint8`` with the presets (normalised on the device later), float with ``ToTensor``.
+        """
         image, label = self.transform(*self.load_pair(self.indices[index]))
         if isinstance(label, Image.Image):
             label = label_to_tensor(label)

@@ -218,7 +218,8 @@ def test_test_on_val_split(voc_root):
 def test_getitem_with_train_transform(voc_root):
     ds = voc(voc_root, transform=train_transform(16))
     img, lbl = ds[0]
-    assert img.shape == (3, 16, 16) and img.dtype == torch.float32
+    # The presets keep the image uint8; it is normalised on the device (normalize_on_device).
+    assert img.shape == (3, 16, 16) and img.dtype == torch.uint8
     assert lbl.shape == (16, 16) and lbl.dtype == torch.uint8
 
 
@@ -413,6 +414,29 @@ def test_build_datasets_voc(synthetic_root, tmp_path):
     for i in range(len(bundle.test)):
         seen |= set(bundle.test[i][1].unique().tolist())
     assert seen <= set(range(17)) | {255} and len(seen) > 3
+
+
+def test_build_datasets_loaders_yield_uint8_batches(synthetic_root, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from dataset.transform import normalize_on_device
+
+    opts = fake_opts(synthetic_root, tmp_path)
+    bundle = build_datasets(opts)
+    for part in (bundle.train, bundle.val, bundle.test):
+        images, labels = next(iter(DataLoader(part, batch_size=2, shuffle=False, num_workers=0)))
+        assert images.dtype == torch.uint8 and images.shape == (2, 3, 24, 24)
+        assert labels.dtype == torch.uint8 and labels.shape == (2, 24, 24)
+        normalised = normalize_on_device(images, "cpu")
+        assert normalised.dtype == torch.float32 and normalised.shape == images.shape
+    # Through a worker process as run.py builds it (pin_memory only where an accelerator exists).
+    loader = DataLoader(bundle.train, batch_size=2, num_workers=1, pin_memory=torch.cuda.is_available())
+    images, _ = next(iter(loader))
+    assert images.dtype == torch.uint8
+    # --crop_val off: full images, batch 1 as run.py uses then.
+    full = build_datasets(fake_opts(synthetic_root, tmp_path, crop_val=False)).test
+    images, _ = next(iter(DataLoader(full, batch_size=1)))
+    assert images.dtype == torch.uint8 and images.shape[:2] == (1, 3)
 
 
 def test_build_datasets_variants(synthetic_root, tmp_path, monkeypatch):

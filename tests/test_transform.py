@@ -187,3 +187,149 @@ def test_presets_shapes():
     assert x.shape == (3, 32, 32) and y.shape == (32, 32)
     x, y = T.val_transform(32, crop_val=False)(img, lbl)
     assert x.shape == (3, 50, 70) and y.shape == (50, 70)
+
+
+# ---- uint8 through the DataLoader, normalisation on the device ---------------------------------------
+
+
+def _old_train(crop: int) -> T.Compose:
+    """The training preset before the change: ToTensor + Normalize in the worker."""
+    return T.Compose(
+        [
+            T.RandomResizedCrop(crop, scale=(0.5, 2.0)),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(T.MEAN, T.STD),
+        ]
+    )
+
+
+def _old_val(crop: int, crop_val: bool = True) -> T.Compose:
+    head = [T.Resize(crop), T.CenterCrop(crop)] if crop_val else []
+    return T.Compose([*head, T.ToTensor(), T.Normalize(T.MEAN, T.STD)])
+
+
+def _random_pair(w: int, h: int, seed: int) -> tuple[Image.Image, Image.Image]:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+    lbl = Image.fromarray(rng.integers(0, 21, size=(h, w), dtype=np.uint8))
+    return img, lbl
+
+
+def test_pil_to_tensor_keeps_uint8_values():
+    img, lbl = _random_pair(7, 5, seed=0)
+    x, y = T.PILToTensor()(img, lbl)
+    assert x.dtype == torch.uint8 and x.shape == (3, 5, 7) and x.is_contiguous()
+    assert torch.equal(x, torch.from_numpy(np.array(img)).permute(2, 0, 1))
+    assert y.dtype == torch.uint8 and torch.equal(y, torch.from_numpy(np.array(lbl)))
+    assert T.ToUint8Tensor is T.PILToTensor
+    assert repr(T.PILToTensor()) == "PILToTensor()"
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "1"])
+def test_image_to_tensor_is_uint8_conversion_then_division(mode):
+    img = _random_pair(9, 6, seed=1)[0].convert(mode)
+    assert torch.equal(T.image_to_tensor(img), T.image_to_uint8_tensor(img).to(torch.float32).div(255))
+
+
+def test_normalize_on_device_every_value_bitwise():
+    # Each of the 256 values in each channel: the device path equals ToTensor + Normalize bit for bit.
+    arr = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=2)
+    img, lbl = Image.fromarray(arr), Image.fromarray(arr[..., 0])
+    old, _ = T.Compose([T.ToTensor(), T.Normalize()])(img, lbl)
+    new, _ = T.PILToTensor()(img, lbl)
+    out = T.normalize_on_device(new[None], "cpu")
+    assert out.dtype == torch.float32 and out.shape == (1, 3, 16, 16)
+    assert torch.equal(out[0], old)
+    assert torch.equal(T.normalize_on_device(new, "cpu"), old)  # an unbatched (3, H, W) image too
+
+
+@pytest.mark.parametrize(("w", "h"), [(500, 375), (375, 500), (64, 64), (90, 17), (33, 41)])
+@pytest.mark.parametrize("crop", [32, 64])
+def test_presets_plus_normalize_on_device_equal_old_pipeline(w, h, crop):
+    img, lbl = _random_pair(w, h, seed=w * h + crop)
+    for seed in range(3):
+        random.seed(seed)
+        old_x, old_y = _old_train(crop)(img, lbl)
+        random.seed(seed)
+        new_x, new_y = T.train_transform(crop)(img, lbl)
+        assert new_x.dtype == torch.uint8 and new_x.shape == (3, crop, crop)
+        assert torch.equal(new_y, old_y)
+        assert torch.equal(T.normalize_on_device(new_x[None], "cpu")[0], old_x)
+    for crop_val in (True, False):
+        old_x, old_y = _old_val(crop, crop_val)(img, lbl)
+        new_x, new_y = T.val_transform(crop, crop_val)(img, lbl)
+        assert new_x.dtype == torch.uint8 and torch.equal(new_y, old_y)
+        assert torch.equal(T.normalize_on_device(new_x[None], "cpu")[0], old_x)
+
+
+def test_center_crop_padding_normalises_like_old_pipeline():
+    # In the val preset Resize brings the short side to the crop first, so CenterCrop never pads there;
+    # a smaller image through CenterCrop alone exercises the padding: PIL pads with 0 before the tensor
+    # conversion, so the padded pixels become -mean/std on both paths.
+    img, lbl = _random_pair(20, 11, seed=5)
+    old_x, old_y = T.Compose([T.CenterCrop(32), T.ToTensor(), T.Normalize()])(img, lbl)
+    new_x, new_y = T.Compose([T.CenterCrop(32), T.PILToTensor()])(img, lbl)
+    assert torch.equal(new_y, old_y)
+    out = T.normalize_on_device(new_x[None], "cpu")[0]
+    assert torch.equal(out, old_x)
+    pad = -torch.tensor(T.MEAN) / torch.tensor(T.STD)
+    assert torch.equal(out[:, 0, 0], pad) and torch.equal(new_x[:, 0, 0], torch.zeros(3, dtype=torch.uint8))
+
+
+def test_normalize_on_device_batch_and_channels_last():
+    pairs = [_random_pair(48, 40, seed=s) for s in range(4)]
+    old = torch.stack([_old_val(24)(*p)[0] for p in pairs])  # (4, 3, 24, 24)
+    batch = torch.stack([T.val_transform(24)(*p)[0] for p in pairs])
+    before = batch.clone()
+    out = T.normalize_on_device(batch, torch.device("cpu"), memory_format=torch.channels_last)
+    assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, old)
+    assert torch.equal(batch, before)  # the caller's uint8 batch is left alone
+    contiguous = T.normalize_on_device(batch, "cpu", memory_format=torch.contiguous_format)
+    assert contiguous.is_contiguous() and torch.equal(contiguous, old)
+
+
+def test_normalize_on_device_custom_statistics():
+    batch = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
+    mean, std = (0.5, 0.25, 0.0), (0.5, 1.0, 2.0)
+    expected = T.Normalize(mean, std)(batch.to(torch.float32).div(255), None)[0]
+    assert torch.equal(T.normalize_on_device(batch, "cpu", mean=mean, std=std), expected)
+
+
+def test_normalize_on_device_passes_float_batches_through():
+    x = torch.randn(2, 3, 8, 8)
+    out = T.normalize_on_device(x, "cpu")
+    assert out.dtype == torch.float32 and torch.equal(out, x)
+    x64 = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert torch.equal(T.normalize_on_device(x64, "cpu"), x64.float())
+    last = T.normalize_on_device(x, "cpu", memory_format=torch.channels_last)
+    assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(last, x)
+    with pytest.raises(TypeError, match="uint8 or floating"):
+        T.normalize_on_device(torch.zeros(1, 3, 2, 2, dtype=torch.int64), "cpu")
+
+
+def test_trainer_to_device_normalises_uint8_batches():
+    from train import Trainer
+
+    trainer = Trainer.__new__(Trainer)  # only the two attributes _to_device reads
+    trainer.device, trainer.channels_last = torch.device("cpu"), True
+    pairs = [_random_pair(40, 30, seed=s) for s in range(2)]
+    images = torch.stack([T.val_transform(16)(*p)[0] for p in pairs])
+    labels = torch.stack([T.val_transform(16)(*p)[1] for p in pairs])
+    x, y = trainer._to_device(images, labels)
+    expected = torch.stack([_old_val(16)(*p)[0] for p in pairs])
+    assert torch.equal(x, expected) and x.is_contiguous(memory_format=torch.channels_last)
+    assert y.dtype == torch.int64 and torch.equal(y, labels.long())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_normalize_on_device_cuda_bitwise_equal_to_cpu_pipeline():
+    # CUDA turns a division by a CPU scalar into a multiplication by its reciprocal (last-bit differences
+    # for about half of the values); normalize_on_device divides by a device tensor to stay exact.
+    arr = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=2)
+    img, lbl = Image.fromarray(arr), Image.fromarray(arr[..., 0])
+    old, _ = T.Compose([T.ToTensor(), T.Normalize()])(img, lbl)
+    new = T.PILToTensor()(img, lbl)[0][None].pin_memory()
+    out = T.normalize_on_device(new, torch.device("cuda"), memory_format=torch.channels_last)
+    assert out.is_cuda and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out.cpu()[0], old)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 import tasks
 from argparser import load_options
 from dataset import build_datasets
+from dataset.transform import normalize_on_device
 from metrics import StreamSegMetrics
 from segmentation_module import make_model
 from utils.checkpoint import load_checkpoint, load_model_state
@@ -76,7 +77,7 @@ def evaluate(
     metrics = StreamSegMetrics(n_classes, device=device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     for images, labels in loader:
-        images = images.to(device, dtype=torch.float32)
+        images = normalize_on_device(images, device)  # uint8 (B, 3, H, W) -> normalised float32
         labels = labels.to(device, dtype=torch.long)
         metrics.update(labels, predict(model, images))
     return metrics.get_results()
@@ -94,7 +95,8 @@ def pick_samples(
         seed: seed of the draw, so every method is shown the same images.
 
     Returns:
-        (images (K, 3, H, W), labels (K, H, W) int64, dataset indices in increasing order), K <= count.
+        (images (K, 3, H, W) normalised float32 on the CPU, labels (K, H, W) int64, dataset indices in
+        increasing order), K <= count.
         Showing new-class images next to old-class ones makes both learning and forgetting visible.
     """
     order = np.random.default_rng(seed).permutation(len(dataset)).tolist()
@@ -111,6 +113,7 @@ def pick_samples(
     chosen += old_only[: count - len(chosen)]
     chosen += with_new[wanted_new : wanted_new + count - len(chosen)]
     chosen.sort()
-    images = torch.stack([torch.as_tensor(dataset[i][0]) for i in chosen])
+    # The presets give uint8 images (3, H, W); predict() and the grid's Denormalize want them normalised.
+    images = normalize_on_device(torch.stack([torch.as_tensor(dataset[i][0]) for i in chosen]), "cpu")
     labels = torch.stack([torch.as_tensor(dataset[i][1]).long() for i in chosen])
     return images, labels, chosen
