@@ -457,13 +457,14 @@ def synthetic_labels(
 def synthetic_batches(
     n: int, batch: int, crop: int, classes: Sequence[int], seed: int = 0, pin: bool = False
 ) -> list[tuple[Any, Any]]:
-    """``n`` (images, labels) batches as a DataLoader yields them: normalised float32 images, uint8 labels."""
+    """``n`` (images, labels) batches as the presets' DataLoader yields them: uint8 (B, 3, crop, crop) images
+    (normalised on the device by the trainer, as in training) and uint8 (B, crop, crop) labels."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(n):
-        images = torch.randn(batch, 3, crop, crop, generator=generator)
+        images = torch.randint(0, 256, (batch, 3, crop, crop), generator=generator, dtype=torch.uint8)
         labels = synthetic_labels(batch, crop, classes, generator)
         if pin:
             images, labels = images.pin_memory(), labels.pin_memory()
