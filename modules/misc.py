@@ -142,12 +142,17 @@ def _batch_statistics(x: torch.Tensor, group: Any) -> tuple[torch.Tensor, torch.
     Local statistics use ``torch.var_mean`` (one pass, numerically stable); with a group, see
     :func:`_global_statistics`.
     """
-    xf = x.detach().float()
+    xf = x.detach().to(_compute_dtype(x))
     if group is None:
         dims = [d for d in range(x.dim()) if d != 1]
         var, mean = torch.var_mean(xf, dims, correction=0)
         return mean, var, xf.new_full((1,), float(x.numel() // x.shape[1]))
     return _global_statistics(xf, group, _all_reduce_sum)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half/bfloat16/float32 tensors, float64 for float64 ones."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _invertible_activation(activation: str, param: float) -> bool:
@@ -198,7 +203,7 @@ class _InvertibleABNFunction(torch.autograd.Function):
         # One fused kernel with the given statistics, output in x's dtype (fp32 arithmetic inside).
         y = F.batch_norm(x, mean, var, gamma, bias.detach() if bias is not None else None, False, 0.0, eps)
         y = apply_activation(y, activation, slope, inplace=True)
-        rstd = torch.rsqrt(var + eps)  # (C,) float32
+        rstd = torch.rsqrt(var + eps)  # (C,) float32 (float64 for a float64 input)
         ctx.save_for_backward(y, weight, bias, rstd)
         ctx.config = (count, training, eps, activation, slope, group)
         return y
@@ -210,10 +215,13 @@ class _InvertibleABNFunction(torch.autograd.Function):
         channels = y.shape[1]
         shape = [1, channels] + [1] * (y.dim() - 2)
         dims = [d for d in range(y.dim()) if d != 1]
-        # (N, C, *) float32: the sums below lose too much in half precision (no copy for float32).
-        yf, dyf = y.float(), dy.float()
-        gamma = weight.detach().float().abs() + eps if weight is not None else torch.ones_like(rstd)
-        beta = bias.detach().float() if bias is not None else torch.zeros_like(rstd)
+        # (N, C, *) in float32 (or float64): the sums below lose too much in half precision; no copy when
+        # y is already float32.
+        dtype = _compute_dtype(y)
+        yf, dyf = y.to(dtype), dy.to(dtype)
+        rstd = rstd.to(dtype)
+        gamma = weight.detach().to(dtype).abs() + eps if weight is not None else torch.ones_like(rstd)
+        beta = bias.detach().to(dtype) if bias is not None else torch.zeros_like(rstd)
         beta_ = beta.view(shape)
         # dz = dL/dz from the output (the output has the sign of z), and gamma * x_hat = z - beta with
         # z = act^-1(y): one kernel and one fresh tensor each.
@@ -409,7 +417,7 @@ class ABN(nn.Module):
             mean, var, count = _batch_statistics(x, group)
             self._update_running(mean, var, count, momentum)
         else:
-            mean, var, count = self.running_mean.float(), self.running_var.float(), x.new_ones(())
+            mean, var, count = self.running_mean, self.running_var, x.new_ones(())
         return _InvertibleABNFunction.apply(
             x,
             self.weight,
@@ -528,7 +536,7 @@ class InPlaceABNSync(InPlaceABN):
         self, x: torch.Tensor, group: Any, momentum: float, update_running: bool
     ) -> torch.Tensor:
         channels = x.shape[1]
-        xf = x.float()
+        xf = x.to(_compute_dtype(x))
         mean, var, n = _global_statistics(xf, group, all_reduce_sum_differentiable)
         if update_running:
             self._update_running(mean, var, n, momentum)
@@ -537,10 +545,10 @@ class InPlaceABNSync(InPlaceABN):
         scale = torch.rsqrt(var + self.eps)
         weight = self._scale()
         if weight is not None:
-            scale = scale * weight.float()
+            scale = scale * weight.to(xf.dtype)
         shift = -mean * scale
         if self.bias is not None:
-            shift = shift + self.bias.float()
+            shift = shift + self.bias.to(xf.dtype)
         shape = [1, channels] + [1] * (x.dim() - 2)
         y = (xf * scale.view(shape) + shift.view(shape)).to(x.dtype)
         return apply_activation(y, self.activation, self.activation_param, inplace=True)
