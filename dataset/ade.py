@@ -9,11 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from utils.errors import DatasetError
 
-from .incremental import IncrementalSegmentationDataset, ade_masking_lut, base_kwargs, identity_lut
+from .incremental import (
+    ImageLabelPairs,
+    IncrementalSegmentationDataset,
+    ade_masking_lut,
+    base_kwargs,
+    identity_lut,
+)
 
 logger = logging.getLogger("LGKD.dataset")
 
@@ -51,7 +56,7 @@ def ade_error(problem: str) -> DatasetError:
     return DatasetError(f"{problem} {ADE_DOWNLOAD_HINT}")
 
 
-class AdeSegmentation:
+class AdeSegmentation(ImageLabelPairs):
     """Raw ADE20k split reader: the sorted image listing and the matching annotation names.
 
     Args:
@@ -97,16 +102,6 @@ class AdeSegmentation:
             "first": Path(self.images[0][0]).name,
             "last": Path(self.images[-1][0]).name,
         }
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        image = Image.open(self.images[index][0]).convert("RGB")
-        target = Image.open(self.images[index][1])
-        if self.transform is not None:
-            image, target = self.transform(image, target)
-        return image, target
 
 
 class AdeSegmentationIncremental(IncrementalSegmentationDataset):

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from utils.errors import DatasetError
 
-from .incremental import IGNORE, IncrementalSegmentationDataset, base_kwargs
+from .incremental import IGNORE, ImageLabelPairs, IncrementalSegmentationDataset, base_kwargs
 
 #: City -> domain id: the 18 train cities, then the 3 val cities.
 CITY_TO_DOMAIN: dict[str, int] = {
@@ -54,7 +53,7 @@ def cityscapes_lut() -> np.ndarray:
     return lut
 
 
-class CityscapesSegmentationDomain:
+class CityscapesSegmentationDomain(ImageLabelPairs):
     """Raw reader: sorted train images then sorted val images, each with its city's domain id.
 
     Args:
@@ -99,16 +98,6 @@ class CityscapesSegmentationDomain:
             "first": os.path.relpath(self.images[0][0], self.root),
             "last": os.path.relpath(self.images[-1][0], self.root),
         }
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        image = Image.open(self.images[index][0]).convert("RGB")
-        target = Image.open(self.images[index][1])
-        if self.transform is not None:
-            image, target = self.transform(image, target)
-        return image, target
 
 
 class CityscapesSegmentationIncrementalDomain(IncrementalSegmentationDataset):

@@ -335,6 +335,27 @@ def holdout_split(idxs: Sequence[int], train: bool) -> list[int]:
     return idxs[:train_len] if train else idxs[train_len:]
 
 
+class ImageLabelPairs:
+    """Base of the raw split readers: ``self.images`` lists (image path, label path) pairs.
+
+    ``__getitem__`` opens the image as RGB and the label as stored (palette/grey values untouched), then
+    applies the optional joint ``self.transform``.
+    """
+
+    images: list[tuple[str, str]]
+    transform: Callable[[Any, Any], tuple[Any, Any]] | None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        image = Image.open(self.images[index][0]).convert("RGB")
+        target = Image.open(self.images[index][1])
+        if self.transform is not None:
+            image, target = self.transform(image, target)
+        return image, target
+
+
 class IncrementalSegmentationDataset(Dataset):
     """Images of one split that matter at one incremental step, with remapped labels.
 

@@ -8,11 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from utils.errors import DatasetError, OptionsError
 
-from .incremental import IncrementalSegmentationDataset, base_kwargs, identity_lut, voc_masking_lut
+from .incremental import (
+    ImageLabelPairs,
+    IncrementalSegmentationDataset,
+    base_kwargs,
+    identity_lut,
+    voc_masking_lut,
+)
 
 VOC_CLASSES: list[str] = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -64,7 +69,7 @@ def parse_split_file(split_file: Path, voc_root: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-class VOCSegmentation:
+class VOCSegmentation(ImageLabelPairs):
     """Raw VOC split reader: lists the split's (image, mask) pairs.
 
     Args:
@@ -111,16 +116,6 @@ class VOCSegmentation:
             "mtime_ns": st.st_mtime_ns,
             "num_entries": len(self.images),
         }
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        image = Image.open(self.images[index][0]).convert("RGB")
-        target = Image.open(self.images[index][1])
-        if self.transform is not None:
-            image, target = self.transform(image, target)
-        return image, target
 
 
 class VOCSegmentationIncremental(IncrementalSegmentationDataset):
