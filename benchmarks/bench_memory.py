@@ -58,15 +58,12 @@ def saved_bytes(backbone: str, crop: int, batch: int, step: int, norm_act: str, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--backbone", default="resnet101", choices=["resnet18", "resnet34", "resnet50", "resnet101"]
-    )
+    parser.add_argument("--backbone", default="resnet101", choices=common.BACKBONES)
     parser.add_argument("--crop", type=int, default=512)
     parser.add_argument("--batch", type=int, default=12)
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 0])
     parser.add_argument("--smoke", action="store_true", help="CI mode: resnet18, crop 64, batch 2")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--json_out", default=None, help="also write the JSON here")
+    common.add_output_args(parser)
     args = parser.parse_args(argv)
     if args.smoke:
         args.backbone, args.crop, args.batch = "resnet18", 64, 2

@@ -477,23 +477,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument(
-        "--backbone", default="resnet101", choices=["resnet18", "resnet34", "resnet50", "resnet101"]
-    )
-    parser.add_argument("--crop", type=int, default=None, help="crop size (default: 512 on CUDA, 128 on CPU)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default: 12 on CUDA, 2 on CPU)")
+    common.add_model_args(parser)
     parser.add_argument(
         "--precision",
         choices=["fp32", "fp16", "bf16"],
         default="fp32",
         help="fp16/bf16 = autocast (fp16 with GradScaler); forced on CPU too",
-    )
-    parser.add_argument(
-        "--memory_format",
-        choices=["channels_last", "contiguous"],
-        default=None,
-        help="default: channels_last on CUDA, contiguous on CPU (as --memory_format auto)",
     )
     parser.add_argument(
         "--abn",
@@ -654,9 +643,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = common.resolve_device(args.device)
     cuda = device.type == "cuda"
-    args.crop = args.crop or (512 if cuda else 128)
-    args.batch = args.batch or (12 if cuda else 2)
-    args.memory_format = args.memory_format or ("channels_last" if cuda else "contiguous")
+    common.resolve_model_defaults(args, cuda)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
     args.iters = args.iters or (20 if cuda else 5)
     args.repeats = args.repeats or 4

@@ -565,6 +565,32 @@ def write_json(payload: dict[str, Any], path: str | None) -> None:
         Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--backbone``, ``--crop``, ``--batch`` and ``--memory_format`` of the timed benchmarks;
+    the size and layout defaults depend on the device: see :func:`resolve_model_defaults`."""
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--backbone", default="resnet101", choices=BACKBONES)
+    parser.add_argument("--crop", type=int, default=None, help="crop size (default: 512 on CUDA, 128 on CPU)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: 12 on CUDA, 2 on CPU)")
+    parser.add_argument(
+        "--memory_format",
+        choices=["channels_last", "contiguous"],
+        default=None,
+        help="default: channels_last on CUDA, contiguous on CPU (as --memory_format auto)",
+    )
+
+
+def resolve_model_defaults(args: argparse.Namespace, cuda: bool) -> None:
+    """Fill the device-dependent defaults of :func:`add_model_args` in place (the reference's GPU setting,
+    crop 512 batch 12, on CUDA; a size one CPU core measures in seconds otherwise)."""
+    args.crop = args.crop or (512 if cuda else 128)
+    args.batch = args.batch or (12 if cuda else 2)
+    args.memory_format = args.memory_format or ("channels_last" if cuda else "contiguous")
+
+
 def add_output_args(parser: argparse.ArgumentParser) -> None:
     """``--json`` (print JSON instead of the table) and ``--json_out PATH`` (also write it to a file)."""
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
