@@ -204,6 +204,13 @@ def _list_keys(keys: list[str], limit: int = 4) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
+def _key_problems(missing: list[str], unexpected: list[str], *more: tuple[str, list[str]]) -> str:
+    """``missing a, b; unexpected c; ...``: the non-empty groups, a few keys each. ``more`` adds groups as
+    (template with ``{}`` for the keys, keys)."""
+    groups = [("missing {}", missing), ("unexpected {}", unexpected), *more]
+    return "; ".join(template.format(_list_keys(keys)) for template, keys in groups if keys)
+
+
 def _check_classifiers(ckpt_sizes: list[int], model_sizes: list[int], strict: bool, source: str) -> None:
     if ckpt_sizes == model_sizes:
         return
@@ -231,14 +238,10 @@ def _check_backbone(state: Mapping[str, Any], model_state: Mapping[str, Any], so
     if not missing and not unexpected:
         return
     found, wanted = guess_backbone(state), guess_backbone(model_state)
-    details = []
-    if missing:
-        details.append(f"missing {_list_keys(missing)}")
-    if unexpected:
-        details.append(f"unexpected {_list_keys(unexpected)}")
+    details = _key_problems(missing, unexpected)
     raise CheckpointError(
         f"{source} has a different backbone: the file seems to hold a {found or 'non-standard'} body while "
-        f"the model is a {wanted or 'non-standard'} ({'; '.join(details)}). Use the --backbone the "
+        f"the model is a {wanted or 'non-standard'} ({details}). Use the --backbone the "
         "checkpoint was trained with (and the same --output_stride/--norm_act), or a checkpoint of this "
         "backbone."
     )
@@ -297,15 +300,9 @@ def load_model_state(
         if k in model_state and hasattr(state[k], "shape") and state[k].shape != model_state[k].shape
     ]
     if missing or unexpected or wrong_shape:
-        details = []
-        if missing:
-            details.append(f"missing {_list_keys(missing)}")
-        if unexpected:
-            details.append(f"unexpected {_list_keys(unexpected)}")
-        if wrong_shape:
-            details.append(f"shape mismatch {_list_keys(wrong_shape)} (file vs model)")
+        details = _key_problems(missing, unexpected, ("shape mismatch {} (file vs model)", wrong_shape))
         raise CheckpointError(
-            f"{source} does not fit the model: {'; '.join(details)}. It was probably written with other "
+            f"{source} does not fit the model: {details}. It was probably written with other "
             "model options (--cosine, --nb_background_modes, --output_stride, --backbone, --dataset); run "
             "with the options the checkpoint was trained with."
         )
@@ -400,15 +397,9 @@ def load_imagenet_weights(body: nn.Module, path: str | os.PathLike[str]) -> Any:
     if missing or unexpected or wrong_shape:
         found = guess_backbone(state) or "non-standard"
         wanted = guess_backbone(body_state) or "non-standard"
-        details = []
-        if missing:
-            details.append(f"missing {_list_keys(missing)}")
-        if unexpected:
-            details.append(f"unexpected {_list_keys(unexpected)}")
-        if wrong_shape:
-            details.append(f"wrong shape {_list_keys(wrong_shape)}")
+        details = _key_problems(missing, unexpected, ("wrong shape {}", wrong_shape))
         raise CheckpointError(
             f"ImageNet weights {path} do not fit the {wanted} backbone: the file seems to hold a {found} "
-            f"({'; '.join(details)}). Use the file that matches --backbone, or pass --no_pretrained."
+            f"({details}). Use the file that matches --backbone, or pass --no_pretrained."
         )
     return body.load_state_dict(state, strict=True)
