@@ -185,8 +185,7 @@ class Trainer:
             return
 
         def old_logits(images: Tensor) -> Tensor:
-            # find_median hands over normalised float32 images already; this only guards other callers.
-            images = normalize_on_device(images, self.device)
+            # images: (B, 3, H, W) float32 on the device, already normalised by find_median.
             with torch.no_grad(), self._autocast():
                 return self.model_old(images)[0].float()
 
