@@ -25,7 +25,7 @@ def step():
     opt.zero_grad()
     net(x)[0].square().mean().backward()
     opt.step()
-for _ in range(2):  # warm-up: the first touches of the heap fault in any case
+for _ in range(4):  # warm-up: the first touches of the heap fault in any case
     step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(2):
@@ -50,14 +50,19 @@ def _probe(**env: str) -> tuple[bool, int, int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_activations_are_reused_instead_of_faulted_in_again():
-    """A training iteration of the model: glibc's default returns freed activations to the kernel and
-    faults them in again (thousands of page faults per iteration); kept, they are reused, and the peak
-    resident memory stays the same (a pathological pattern could fragment more; training does not)."""
+    """A training iteration of the model, with the setting, reuses the memory freed by the previous one:
+    almost no page is faulted in again, and the peak resident memory stays that of glibc's defaults.
+
+    With glibc's defaults the count varies from run to run (0 to ~15,000 faults per iteration measured
+    here, depending on how the adaptive mmap threshold moved during the warm-up), so only the opt-out is
+    checked on that side, not its fault count.
+    """
     applied, faults, peak_kib = _probe()
-    default_applied, default_faults, default_peak_kib = _probe(CSS_MALLOC="default")
+    default_applied, _, default_peak_kib = _probe(CSS_MALLOC="default")
     assert applied and not default_applied
-    assert default_faults > 2_000
-    assert faults < default_faults / 4
+    # Measured with the setting: 0 to 1,250 faults per iteration, against ~160,000 pages of peak RSS.
+    peak_pages = peak_kib * 1024 // 4096
+    assert faults < 0.02 * peak_pages, (faults, peak_pages)
     assert peak_kib < default_peak_kib * 1.1
 
 
