@@ -54,11 +54,18 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
 
 
 def _one_hot_ignore(targets: Tensor, num_classes: int, ignore_index: int, dtype: torch.dtype) -> Tensor:
-    """One-hot (B, C, H, W) targets; ignored pixels get an all-zero vector."""
+    """One-hot (B, C, H, W) targets; ignored pixels get an all-zero vector.
+
+    Written with ``scatter_`` instead of ``F.one_hot``, which on the CPU reads the labels' minimum and
+    maximum back to the host on every call (two synchronisations per training iteration of LWF-MC/BCE);
+    ``scatter_`` checks its indices inside the kernel. Same 0/1 values.
+    """
     # The ignored label is sent to an extra channel C that is then dropped: (B, H, W) -> (B, C+1, H, W).
-    labels = torch.where(targets != ignore_index, targets, num_classes)
-    one_hot = F.one_hot(labels.long(), num_classes + 1).permute(0, 3, 1, 2)
-    return one_hot[:, :num_classes].to(dtype)
+    labels = torch.where(targets != ignore_index, targets, num_classes).long()
+    batch, height, width = labels.shape
+    one_hot = torch.zeros((batch, num_classes + 1, height, width), dtype=dtype, device=labels.device)
+    one_hot.scatter_(1, labels.unsqueeze(1), 1.0)
+    return one_hot[:, :num_classes]
 
 
 def entropy(probabilities: Tensor) -> Tensor:
