@@ -181,3 +181,21 @@ def test_get_regularizer():
     assert any("differs" in r.getMessage() for r in records)
     with pytest.raises(OptionsError):
         get_regularizer(model, None, "cpu", reg_opts("si"), None)
+
+
+@pytest.mark.parametrize("cls", [PI, RW])
+def test_path_snapshot_is_refreshed_in_place_on_the_parameters_device(cls):
+    """PI/RW's parameter snapshot stays where the parameters are and is overwritten, not reallocated: the
+    reference's per-iteration copy to the CPU made every update wait for the GPU."""
+    model = tiny_model()
+    reg = cls(model, None, "cpu", **({"iterations": 1} if cls is RW else {}))
+    set_grads(model, 1.0)
+    reg.update()
+    storage = {n: t.data_ptr() for n, t in reg.model_temp.items()}
+    with torch.no_grad():
+        model[0].bias -= 0.25
+    reg.update()
+    for name, param in zip(("module.0.weight", "module.0.bias"), model.parameters()):
+        snap = reg.model_temp[name]
+        assert snap.data_ptr() == storage[name] != param.data_ptr()
+        assert snap.device == param.device and torch.equal(snap, param.detach())

@@ -47,6 +47,26 @@ def _named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         yield PREFIX + name, param
 
 
+@torch.no_grad()
+def _snapshot(model: nn.Module, previous: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    """Copy of the trainable parameters for PI/RW's path increments, refreshed in place when possible.
+
+    The reference kept this snapshot on the CPU: a device-to-host copy of the whole model, which waits for
+    the GPU, every iteration (PI) or every ``iterations`` (RW). It stays on the parameters' device here
+    (one model's worth of memory); the values are the same.
+    """
+    snapshot = {}
+    for name, param in _named_parameters(model):
+        if not param.requires_grad:
+            continue
+        kept = previous.get(name) if previous is not None else None
+        if kept is not None and kept.shape == param.shape and kept.device == param.device:
+            snapshot[name] = kept.copy_(param)
+        else:
+            snapshot[name] = param.detach().clone()
+    return snapshot
+
+
 def _old_parameters(model_old: nn.Module, device: torch.device | str) -> dict[str, Tensor]:
     """Detached copy of the old model's state under the reference's DDP names."""
     return {PREFIX + k: v.detach().clone().to(device) for k, v in _unwrap(model_old).state_dict().items()}
@@ -232,11 +252,8 @@ class PI(Regularizer):
         if self.model_temp is not None:
             for name, param in _named_parameters(self.model):
                 if param.grad is not None and name in self.delta:
-                    previous = self.model_temp[name].to(param.device)
-                    self.delta[name] += param.grad * (previous - param.detach())
-        self.model_temp = {
-            n: p.detach().clone().cpu() for n, p in _named_parameters(self.model) if p.requires_grad
-        }
+                    self.delta[name] += param.grad * (self.model_temp[name] - param.detach())
+        self.model_temp = _snapshot(self.model, self.model_temp)
 
     def penalty(self) -> Tensor:
         return self._weighted_distance(self.score_old or {}, self.model_old_dict)
@@ -334,12 +351,9 @@ class RW(Regularizer):
                 for name, param in _named_parameters(self.model):
                     if param.grad is None or name not in self.score:
                         continue
-                    snapshot = self.model_temp[name].to(param.device)
-                    moved = param.detach() - snapshot
+                    moved = param.detach() - self.model_temp[name]
                     self.score[name] += (param.grad * -moved) / (0.5 * self.fisher[name] * moved**2 + 1e-8)
-            self.model_temp = {
-                n: p.detach().clone().cpu() for n, p in _named_parameters(self.model) if p.requires_grad
-            }
+            self.model_temp = _snapshot(self.model, self.model_temp)
         self.count += 1
         for name, param in _named_parameters(self.model):
             if param.grad is not None and name in self.fisher:
