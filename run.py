@@ -28,7 +28,7 @@ from argparser import get_argparser, modify_command_options, save_options, valid
 from dataset import build_datasets
 from metrics import StreamSegMetrics, confusion_matrix_to_fig
 from segmentation_module import make_model
-from train import Trainer
+from train import Trainer, uses_grad_scaler
 from utils import distributed as dist_utils
 from utils.allocator import keep_freed_memory
 from utils.checkpoint import load_checkpoint, load_model_state, save_checkpoint
@@ -193,8 +193,16 @@ def build_model(opts: Any, step: int, device: torch.device, pretrained: bool = T
     return model
 
 
-def build_optimizer(opts: Any, model: nn.Module) -> torch.optim.Optimizer:
-    """Param groups of §6: backbone (unless --freeze), head, classifiers (old ones at lr_old x lr)."""
+def build_optimizer(opts: Any, model: nn.Module, *, fused: bool | None = None) -> torch.optim.Optimizer:
+    """Param groups of §6: backbone (unless --freeze), head, classifiers (old ones at lr_old x lr).
+
+    Args:
+        fused: use PyTorch's fused SGD kernel. None (default): only when the run scales its loss (fp16
+            on CUDA). There ``GradScaler.step`` would otherwise read the inf/NaN flag back to the host
+            every iteration to decide whether to step; the fused kernel takes the flag as a tensor and
+            skips the update on the device. Elsewhere the plain step is kept: the fused kernel rounds
+            differently (1 ulp), and fp32 runs stay bitwise those of the reference's SGD.
+    """
     trainable = lambda module: [p for p in module.parameters() if p.requires_grad]  # noqa: E731
     groups: list[dict] = []
     if not opts.freeze:
@@ -213,7 +221,23 @@ def build_optimizer(opts: Any, model: nn.Module) -> torch.optim.Optimizer:
         groups.append({"params": trainable(model.cls), "weight_decay": opts.weight_decay})
     if getattr(model, "scalar", None) is not None:
         groups.append({"params": [model.scalar], "weight_decay": opts.weight_decay})
-    return torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, nesterov=True)
+    if fused is None:
+        device = next(model.parameters()).device
+        fused = uses_grad_scaler(opts, device)
+    return torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, nesterov=True, fused=fused or None)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a saved optimizer state but keep this run's kernel choice (``fused``/``foreach``).
+
+    ``Optimizer.load_state_dict`` restores every saved group option, the implementation switches
+    included: an fp16 checkpoint (fused SGD) resumed in fp32 would switch to the fused kernel, and the
+    reverse would hand the GradScaler's device flags to a step that cannot take them.
+    """
+    kernels = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, chosen in zip(optimizer.param_groups, kernels):
+        group.update(chosen)
 
 
 def load_previous_step(
@@ -317,7 +341,7 @@ def resume(
         return state, None
     checkpoint = load_checkpoint(path)
     load_model_state(model, checkpoint["model_state"], strict=True, source=str(path))
-    optimizer.load_state_dict(checkpoint["optimizer_state"])
+    load_optimizer_state(optimizer, checkpoint["optimizer_state"])
     scheduler.load_state_dict(checkpoint["scheduler_state"])
     if checkpoint.get("scaler_state"):
         trainer.scaler.load_state_dict(checkpoint["scaler_state"])

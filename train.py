@@ -59,6 +59,12 @@ def autocast_settings(opts: Any, device: torch.device) -> tuple[bool, torch.dtyp
     return wants_amp and device.type == "cuda", dtype
 
 
+def uses_grad_scaler(opts: Any, device: torch.device) -> bool:
+    """Whether the run scales its loss (fp16 autocast on CUDA): bf16 and fp32 need no ``GradScaler``."""
+    enabled, dtype = autocast_settings(opts, device)
+    return enabled and dtype == torch.float16
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -120,8 +126,7 @@ class Trainer:
             self.regularizer = get_regularizer(self.model_without_ddp, model_old, device, opts, old_state)
 
         self.amp_enabled, self.amp_dtype = autocast_settings(opts, device)
-        use_scaler = self.amp_enabled and self.amp_dtype == torch.float16
-        self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=use_scaler)
+        self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=uses_grad_scaler(opts, device))
         self.channels_last = _wants_channels_last(opts, device)
         self.print_interval = getattr(opts, "print_interval", None) or DEFAULT_PRINT_INTERVAL
         self.show_progress = not getattr(opts, "no_progress", False)
