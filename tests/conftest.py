@@ -27,6 +27,26 @@ def load_script_module(relpath: str, name: str):
     return module
 
 
+def run_argv(
+    root: Path, out: Path, step: int, options: dict[str, str], flags: tuple[str, ...] = ()
+) -> list[str]:
+    """A ``run.py`` command line for step ``step`` of VOC 15-5s on the tree in ``root``, on the CPU, with
+    every output (checkpoints, logs, results, split caches) under ``out``; ``options`` add or override."""
+    args = {
+        "--data_root": str(root),
+        "--dataset": "voc",
+        "--task": "15-5s",
+        "--step": str(step),
+        "--checkpoint": str(out / "ckpt"),
+        "--logdir": str(out / "logs"),
+        "--results_dir": str(out / "results"),
+        "--cache_dir": str(out / "cache"),
+        "--device": "cpu",
+        **options,
+    }
+    return [*[x for kv in args.items() for x in kv], *flags]
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     random.seed(0)

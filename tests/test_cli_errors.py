@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import run
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_argv
 
 
 def write_voc_tree(root: Path, masks: dict[str, np.ndarray]) -> Path:
@@ -51,25 +51,16 @@ def voc_tree(tmp_path: Path) -> Path:
 
 
 def base_args(root: Path, out: Path, step: int = 0, **extra: str) -> list[str]:
-    args = {
-        "--data_root": str(root),
-        "--dataset": "voc",
-        "--task": "15-5s",
-        "--step": str(step),
+    options = {
         "--backbone": "resnet18",
         "--crop_size": "32",
         "--batch_size": "2",
         "--epochs": "1",
         "--num_workers": "0",
-        "--checkpoint": str(out / "ckpt"),
-        "--logdir": str(out / "logs"),
-        "--results_dir": str(out / "results"),
-        "--cache_dir": str(out / "cache"),
-        "--device": "cpu",
         "--name": "err",
+        **extra,
     }
-    args.update(extra)
-    return [*[x for kv in args.items() for x in kv], "--overlap", "--no_pretrained", "--no_progress"]
+    return run_argv(root, out, step, options, ("--overlap", "--no_pretrained", "--no_progress"))
 
 
 def expect_error(argv: list[str], capsys, *needles: str, code: int = 2) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, load_script_module
+from tests.conftest import ROOT, load_script_module, run_argv
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +32,7 @@ def voc_root(tmp_path_factory) -> Path:
 
 
 def common_args(root: Path, out: Path, name: str, step: int, **extra: str) -> list[str]:
-    args = {
-        "--data_root": str(root),
-        "--dataset": "voc",
-        "--task": "15-5s",
-        "--step": str(step),
+    options = {
         "--name": name,
         "--backbone": "resnet18",
         "--crop_size": "48",
@@ -44,18 +40,18 @@ def common_args(root: Path, out: Path, name: str, step: int, **extra: str) -> li
         "--epochs": "2",
         "--lr": "0.01" if step == 0 else "0.001",
         "--num_workers": "0",
-        "--checkpoint": str(out / "ckpt"),
-        "--logdir": str(out / "logs"),
-        "--results_dir": str(out / "results"),
-        "--cache_dir": str(out / "cache"),
         "--date": "e2e",
-        "--device": "cpu",
         "--random_seed": "7",
+        **extra,
     }
-    args.update(extra)
-    flat = [x for kv in args.items() for x in kv]
-    method = ["--method", "LGKD", "--prev_kd", "1", "--novel_kd", "0"] if step > 0 else ["--method", "LGKD"]
-    return [*flat, *method, "--overlap", "--no_pretrained", "--no_progress", "--deterministic"]
+    method = ("--method", "LGKD", "--prev_kd", "1", "--novel_kd", "0") if step > 0 else ("--method", "LGKD")
+    return run_argv(
+        root,
+        out,
+        step,
+        options,
+        (*method, "--overlap", "--no_pretrained", "--no_progress", "--deterministic"),
+    )
 
 
 def run_cmd(
