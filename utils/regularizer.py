@@ -55,16 +55,12 @@ def _snapshot(model: nn.Module, previous: dict[str, Tensor] | None) -> dict[str,
     the GPU, every iteration (PI) or every ``iterations`` (RW). It stays on the parameters' device here
     (one model's worth of memory); the values are the same.
     """
-    snapshot = {}
-    for name, param in _named_parameters(model):
-        if not param.requires_grad:
-            continue
-        kept = previous.get(name) if previous is not None else None
-        if kept is not None and kept.shape == param.shape and kept.device == param.device:
-            snapshot[name] = kept.copy_(param)
-        else:
-            snapshot[name] = param.detach().clone()
-    return snapshot
+    params = {name: p for name, p in _named_parameters(model) if p.requires_grad}
+    if previous is None:
+        return {name: p.detach().clone() for name, p in params.items()}
+    for name, kept in previous.items():
+        kept.copy_(params[name])
+    return previous
 
 
 def _old_parameters(model_old: nn.Module, device: torch.device | str) -> dict[str, Tensor]:
