@@ -422,12 +422,14 @@ def list_s3dis_rooms(data_root: Path) -> list[RoomJob]:
     top = data_root / S3DIS_DIR
     raw = top / S3DIS_RAW
     if not raw.is_dir():
-        misplaced = [p for p in (data_root / S3DIS_RAW, data_root.parent / S3DIS_RAW) if p.is_dir()]
-        if misplaced:
-            problem = f"{misplaced[0]} exists but must be moved to {raw}."
-        elif data_root.name == S3DIS_RAW or any(data_root.glob("Area_[0-9]*")):
+        if data_root.name == S3DIS_RAW or any(data_root.glob("Area_[0-9]*")):
             problem = (f"--data_root {data_root} looks like the S3DIS folder itself; pass the folder that "
                        f"contains {S3DIS_DIR}/{S3DIS_RAW}/ instead.")
+        elif (data_root / S3DIS_RAW).is_dir() and data_root.name == S3DIS_DIR:
+            problem = (f"--data_root {data_root} is the {S3DIS_DIR} folder itself; pass its parent "
+                       f"{data_root.parent} instead.")
+        elif (data_root / S3DIS_RAW).is_dir():
+            problem = f"{data_root / S3DIS_RAW} exists but must be moved to {raw}."
         else:
             where = found_in(top if top.is_dir() else data_root)
             problem = f"S3DIS was not found: {raw} does not exist ({where})."
@@ -481,12 +483,15 @@ def list_scannet_scenes(data_root: Path, val_scenes: Iterable[str]) -> list[Room
     top = data_root / SCANNET_DIR
     scans = top / SCANNET_SCANS
     if not scans.is_dir():
-        if (data_root / SCANNET_SCANS).is_dir():
-            problem = (f"{data_root / SCANNET_SCANS} exists but must be in {top}/ (with "
-                       f"{SCANNET_LABEL_MAP}): move both into {top}.")
-        elif data_root.name == SCANNET_SCANS or any(data_root.glob("scene[0-9]*_[0-9]*")):
+        if data_root.name == SCANNET_SCANS or any(data_root.glob("scene[0-9]*_[0-9]*")):
             problem = (f"--data_root {data_root} looks like the ScanNet scans folder itself; pass the folder "
                        f"that contains {SCANNET_DIR}/{SCANNET_SCANS}/ instead.")
+        elif (data_root / SCANNET_SCANS).is_dir() and data_root.name == SCANNET_DIR:
+            problem = (f"--data_root {data_root} is the {SCANNET_DIR} folder itself; pass its parent "
+                       f"{data_root.parent} instead.")
+        elif (data_root / SCANNET_SCANS).is_dir():
+            problem = (f"{data_root / SCANNET_SCANS} exists but must be in {top}/ (with "
+                       f"{SCANNET_LABEL_MAP}): move both into {top}.")
         else:
             problem = (f"ScanNet was not found: {scans} does not exist "
                        f"({found_in(top if top.is_dir() else data_root)}).")
@@ -627,7 +632,6 @@ def prepare(
     manifest = {
         **settings,
         "classes": list(spec.classes),
-        "source": str((root / spec.top).resolve()),
         "test_split": test_rule,
         "rooms": [{k: v for k, v in records[r.name].items() if k != "settings"} for r in rooms],
     }
