@@ -314,6 +314,11 @@ def _read_json(path: Path, what: str) -> Any:
         raise DatasetError(f"Cannot read the ScanNet {what} {path} ({exc}). {SCANNET_HINT}") from exc
 
 
+def scannet_scene_files(scene: str) -> tuple[str, str, str]:
+    """The files of a scene the preparation reads: mesh, over-segmentation, aggregation."""
+    return f"{scene}_vh_clean_2.ply", f"{scene}_vh_clean_2.0.010000.segs.json", f"{scene}.aggregation.json"
+
+
 def scannet_scene_points(scene_dir: Path, label_map: dict[str, int]) -> np.ndarray:
     """The annotated points of a ScanNet scene as (n, 7) float64 ``x y z r g b label``.
 
@@ -322,9 +327,10 @@ def scannet_scene_points(scene_dir: Path, label_map: dict[str, int]) -> np.ndarr
     one of the 20 classes are unannotated (0); vertices in no object are left out.
     """
     scene = scene_dir.name
-    segs = _read_json(scene_dir / f"{scene}_vh_clean_2.0.010000.segs.json", "over-segmentation")
-    aggregation = _read_json(scene_dir / f"{scene}.aggregation.json", "aggregation")
-    ply = scene_dir / f"{scene}_vh_clean_2.ply"
+    ply_name, segs_name, aggregation_name = scannet_scene_files(scene)
+    segs = _read_json(scene_dir / segs_name, "over-segmentation")
+    aggregation = _read_json(scene_dir / aggregation_name, "aggregation")
+    ply = scene_dir / ply_name
     if not ply.is_file():
         raise DatasetError(f"The ScanNet mesh {ply} is missing. {SCANNET_HINT}")
     vertices = read_ply_vertices(ply)
@@ -502,6 +508,13 @@ def list_scannet_scenes(data_root: Path, val_scenes: Iterable[str]) -> list[Room
     scenes = sorted(p for p in scans.iterdir() if p.is_dir() and p.name.startswith("scene"))
     if not scenes:
         raise DatasetError(f"No scene*/ folder in {scans} ({found_in(scans)}). {SCANNET_HINT}")
+    # Every scene's files are checked before the (long) preparation starts.
+    for scene in scenes:
+        for name in scannet_scene_files(scene.name):
+            if not (scene / name).is_file():
+                raise DatasetError(
+                    f"The ScanNet scene {scene} has no {name} ({found_in(scene)}). {SCANNET_HINT}"
+                )
     val = set(val_scenes)
     rooms = [RoomJob(s.name, str(s), "test" if s.name in val else "train") for s in scenes]
     if not any(r.split == "test" for r in rooms):

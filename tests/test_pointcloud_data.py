@@ -311,8 +311,11 @@ def test_scannet_layout_errors(tree, tmp_path):
         raw.prepare("scannet", tmp_path)
     shutil.copy(tree / "ScanNet/scannetv2-labels.combined.tsv", tmp_path / "ScanNet")
     (tmp_path / "ScanNet/scans/scene0001_00/scene0001_00.aggregation.json").unlink()
-    with pytest.raises(DatasetError, match=r"aggregation .*scene0001_00\.aggregation\.json is missing"):
+    missing = r"scene0001_00 has no scene0001_00\.aggregation\.json \(.* holds "
+    with pytest.raises(DatasetError, match=missing):
         raw.prepare("scannet", tmp_path)
+    with pytest.raises(DatasetError, match=r"aggregation .*scene0001_00\.aggregation\.json is missing"):
+        raw.scannet_scene_points(tmp_path / "ScanNet/scans/scene0001_00", {})
     with pytest.raises(DatasetError, match="validation list .* does not exist"):
         raw.prepare("scannet", tmp_path, val_list=tmp_path / "nope.txt")
 
