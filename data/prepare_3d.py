@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -52,7 +53,7 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(dataset: str, data_root: str | os.PathLike, **kwargs) -> Path:
+def run(dataset: str, data_root: str | os.PathLike, **kwargs: Any) -> Path:
     """:func:`dataset.pointcloud_raw.prepare` with its progress printed, timed."""
     log = logging.getLogger("LGKD.dataset")
     if not log.handlers and not logging.getLogger().handlers:

@@ -78,6 +78,8 @@ def build_datasets(opts: Any) -> DatasetBundle:
       previous ones, overlap filtering, ``current`` masking, ``--ignore_test_bg`` (ADE);
       cache ``test_on_val-{step}.npy`` / ``test_on_train-{step}.npy``.
 
+    S3DIS and ScanNet go to :func:`build_point_cloud_datasets` (same roles, point-cloud items).
+
     Args:
         opts: parsed options (reference dests plus ``cache_dir``, ``scan_workers``, ``no_progress``).
 
