@@ -1,9 +1,10 @@
 """Continual-learning task splits: which classes (or, for Cityscapes, which domains) each step introduces.
 
 A task maps a step index to the list of class indices learned at that step. Step 0 always contains the
-background class 0 for VOC and ADE20k. The tables reproduce the reference exactly (§3.1), including the
-stored order of the random-order VOC tasks ``15-5s_b`` .. ``15-5s_w``: the datasets re-index classes by
-task order, so that order is part of the task definition.
+background class 0 for VOC, ADE20k, S3DIS and ScanNet. The 2D tables reproduce the reference exactly
+(§3.1), including the stored order of the random-order VOC tasks ``15-5s_b`` .. ``15-5s_w``: the datasets
+re-index classes by task order, so that order is part of the task definition. The 3D tables follow
+3DPC-CISS's class orders and settings (see ``tasks_s3dis`` below).
 
 This module is pure: no I/O and no torch. ``path_base`` is only a string (the reference split-cache
 location, relative to the working directory); callers decide where caches really go.
@@ -70,10 +71,71 @@ tasks_cityscapes_domain: dict[str, dict[int, list[int]]] = {
     "1-1": {step: [step] for step in range(21)},
 }
 
+# 3D point clouds: the class-incremental protocol of 3DPC-CISS (Yang et al., CVPR 2023, code
+# leolyj/3DPC-CISS, dataloaders/s3dis.py and dataloaders/scannet.py). Class ids are those of the prepared
+# blocks (dataset/pointcloud.py): 0 is background (never present in S3DIS; ScanNet's "unannotated"), the
+# real classes are 1..13 (S3DIS) and 1..20 (ScanNet) in the order of the datasets' class-name files.
+# 3DPC-CISS defines two class orders ("cvfold"): fold 0 is the class-file order, fold 1 the alphabetical
+# order of the class names. A task "B-I" learns the first B classes of the order at step 0 (with
+# background 0) and I more classes at each later step until all are learned: "12-1", "10-3", "8-5" have
+# two steps, "8-1" six. Fold 0 is the plain name, fold 1 the name with the suffix "_cv1" ("12-1_cv1");
+# "offline" / "offline_cv1" learn every class at once (joint training, the upper bound).
+#: S3DIS: 1 ceiling, 2 floor, 3 wall, 4 beam, 5 column, 6 window, 7 door, 8 table, 9 chair, 10 sofa,
+#: 11 bookcase, 12 board, 13 clutter.
+S3DIS_CLASS_ORDERS: dict[int, list[int]] = {
+    0: _span(1, 13),
+    # beam, board, bookcase, ceiling, chair, clutter, column, door, floor, sofa, table, wall, window
+    1: [4, 12, 11, 1, 9, 13, 5, 7, 2, 10, 8, 3, 6],
+}
+#: ScanNet: 1 wall, 2 floor, 3 chair, 4 table, 5 desk, 6 bed, 7 bookshelf, 8 sofa, 9 sink, 10 bathtub,
+#: 11 toilet, 12 curtain, 13 counter, 14 door, 15 window, 16 shower curtain, 17 refrigerator, 18 picture,
+#: 19 cabinet, 20 otherfurniture.
+SCANNET_CLASS_ORDERS: dict[int, list[int]] = {
+    0: _span(1, 20),
+    # bathtub, bed, bookshelf, cabinet, chair, counter, curtain, desk, door, floor, otherfurniture, picture,
+    # refrigerator, shower curtain, sink, sofa, table, toilet, wall, window
+    1: [10, 6, 7, 19, 3, 13, 12, 5, 14, 2, 20, 18, 17, 16, 9, 8, 4, 11, 1, 15],
+}
+#: The 3DPC-CISS settings per dataset as (base classes, classes per later step).
+S3DIS_SETTINGS: list[tuple[int, int]] = [(12, 1), (10, 3), (8, 5), (8, 1)]
+SCANNET_SETTINGS: list[tuple[int, int]] = [(19, 1), (17, 3), (15, 5), (15, 1)]
+#: Suffix of the task names of each class-order fold.
+FOLD_SUFFIX: dict[int, str] = {0: "", 1: "_cv1"}
+
+
+def incremental_split(order: list[int], base: int, increment: int) -> dict[int, list[int]]:
+    """Steps of a "base-increment" task on a class order: background 0 and the first ``base`` classes,
+    then ``increment`` classes per step until the order is exhausted."""
+    if (len(order) - base) % increment:
+        raise ValueError(f"{len(order)} classes cannot be split as {base}-{increment}")
+    rest = order[base:]
+    steps = {0: [0, *order[:base]]}
+    steps.update({1 + i // increment: rest[i : i + increment] for i in range(0, len(rest), increment)})
+    return steps
+
+
+def point_cloud_tasks(
+    orders: dict[int, list[int]], settings: list[tuple[int, int]]
+) -> dict[str, dict[int, list[int]]]:
+    """Task table of a 3D dataset: every setting and the offline task, for each class-order fold."""
+    table: dict[str, dict[int, list[int]]] = {}
+    for fold, order in orders.items():
+        suffix = FOLD_SUFFIX[fold]
+        table[f"offline{suffix}"] = {0: [0, *order]}
+        for base, increment in settings:
+            table[f"{base}-{increment}{suffix}"] = incremental_split(order, base, increment)
+    return table
+
+
+tasks_s3dis: dict[str, dict[int, list[int]]] = point_cloud_tasks(S3DIS_CLASS_ORDERS, S3DIS_SETTINGS)
+tasks_scannet: dict[str, dict[int, list[int]]] = point_cloud_tasks(SCANNET_CLASS_ORDERS, SCANNET_SETTINGS)
+
 TASKS: dict[str, dict[str, dict[int, list[int]]]] = {
     "voc": tasks_voc,
     "ade": tasks_ade,
     "cityscapes_domain": tasks_cityscapes_domain,
+    "s3dis": tasks_s3dis,
+    "scannet": tasks_scannet,
 }
 
 
@@ -126,7 +188,7 @@ def get_task_labels(dataset: str, task: str, step: int) -> tuple[list[int], list
     """Labels introduced at ``step``, labels of all previous steps, and the reference split-cache path.
 
     Args:
-        dataset: ``voc``, ``ade`` or ``cityscapes_domain``.
+        dataset: ``voc``, ``ade``, ``cityscapes_domain``, ``s3dis`` or ``scannet``.
         task: task name valid for that dataset (e.g. ``15-5s``).
         step: incremental step, 0 .. get_num_steps(dataset, task) - 1.
 

@@ -1,4 +1,4 @@
-"""Make a small synthetic dataset laid out exactly like Pascal VOC 2012 or ADE20k.
+"""Make a small synthetic dataset laid out exactly like Pascal VOC 2012, ADE20k, S3DIS or ScanNet v2.
 
 Each foreground class is a unique (shape, colour, texture) combination drawn on a cluttered,
 low-saturation textured background, 1-4 objects per image, class frequencies balanced. Consecutive
@@ -7,19 +7,26 @@ a small CNN can learn them at 64-128 px and continual-learning effects (backgrou
 forgetting) behave as on real data. Output is byte-identical for a given seed, whatever the number
 of worker processes.
 
+For ``--dataset s3dis|scannet`` it writes rooms (``--num_train`` training and ``--num_val`` test rooms)
+in the raw layout of the 3D download (data/synthetic_3d.py), then runs the block preparation a user runs
+on the real download (data/prepare_3d.py), so that DATA_ROOT is ready for ``run.py --data_root``.
+
 Usage:
     python data/make_synthetic.py --dataset voc --out DATA_ROOT --num_train 800 --num_val 200 \\
         --size 128 --seed 0 [--workers W]
+    python data/make_synthetic.py --dataset scannet --out DATA_ROOT --num_train 8 --num_val 2 --seed 0
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import math
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 NUM_CLASSES = {"voc": 20, "ade": 150}  # foreground classes; 0 is background
+POINT_CLOUD_DATASETS = ("s3dis", "scannet")  # rooms, written by data/synthetic_3d.py
 MARKER = "SYNTHETIC.txt"
 
 SHAPES = ("disk", "square", "triangle", "ring", "cross")
@@ -270,14 +278,17 @@ def make_synthetic(
     """Write a synthetic VOC or ADE20k tree under ``out`` and return ``out``.
 
     Args:
-        dataset: ``voc`` (20 classes, palettised masks with a 255 border) or ``ade`` (150 classes, L masks).
+        dataset: ``voc`` (20 classes, palettised masks with a 255 border), ``ade`` (150 classes, L masks),
+            or ``s3dis`` / ``scannet`` (rooms of points, see :func:`make_synthetic_3d`).
         out: data root (receives ``PascalVOC2012/`` or ``ADEChallengeData2016/``).
         num_train: training images (``train_aug`` / ``training``).
         num_val: validation images (``val`` / ``validation``).
-        size: image height in pixels (width is 1 to 4/3 times it).
+        size: image height in pixels (width is 1 to 4/3 times it); unused for 3D.
         seed: random seed; the same seed gives byte-identical files.
         workers: processes (None = all CPUs); does not change the output.
     """
+    if dataset in POINT_CLOUD_DATASETS:
+        return make_synthetic_3d(dataset, out, num_train, num_val, seed, workers)
     if dataset not in NUM_CLASSES:
         raise ValueError(f"dataset must be one of {sorted(NUM_CLASSES)}, not {dataset!r}")
     if size < 16:
@@ -314,14 +325,47 @@ def make_synthetic(
     return root
 
 
+def make_synthetic_3d(
+    dataset: str, out: str | os.PathLike, num_train: int, num_val: int, seed: int, workers: int | None = None
+) -> Path:
+    """Write synthetic S3DIS or ScanNet rooms under ``out`` and cut them into blocks; returns ``out``.
+
+    The rooms are written in the raw layout of the download (``out/S3DIS/Stanford3dDataset_v1.2_Aligned_
+    Version/...`` or ``out/ScanNet/scans/...``, see data/synthetic_3d.py); the blocks by the same
+    preparation as for the real data (data/prepare_3d.py), with its default settings.
+    """
+    start = time.perf_counter()
+    workers = (os.cpu_count() or 1) if workers is None else max(1, workers)
+    here = Path(__file__).resolve().parent
+    generator = _load_sibling(here / "synthetic_3d.py", "synthetic_3d")
+    generator.make_synthetic_3d(dataset, out, num_train, num_val, seed, workers)
+    generated = time.perf_counter() - start
+    _load_sibling(here / "prepare_3d.py", "prepare_3d").run(dataset, out, workers=workers)
+    print(f"make_synthetic: {dataset} {num_train} train + {num_val} test rooms, seed {seed} -> {out} "
+          f"({generated:.1f} s to generate, {time.perf_counter() - start:.1f} s with the block preparation, "
+          f"{workers} workers)")
+    return Path(out)
+
+
+def _load_sibling(path: Path, name: str):
+    """Import a script of this folder by path (data/ is not a package; tests load this file by path too)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--dataset", choices=sorted(NUM_CLASSES), default="voc")
+    parser.add_argument("--dataset", choices=[*sorted(NUM_CLASSES), *POINT_CLOUD_DATASETS], default="voc")
     parser.add_argument("--out", required=True, help="data root to write (pass it as --data_root)")
-    parser.add_argument("--num_train", type=int, default=800)
-    parser.add_argument("--num_val", type=int, default=200)
-    parser.add_argument("--size", type=int, default=128, help="image height in pixels")
+    parser.add_argument("--num_train", type=int, default=800, help="training images (3D: rooms)")
+    parser.add_argument("--num_val", type=int, default=200, help="validation images (3D: test rooms)")
+    parser.add_argument("--size", type=int, default=128, help="image height in pixels (2D only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
     args = parser.parse_args(argv)

@@ -1,4 +1,5 @@
-"""Datasets of the continual segmentation benchmarks: Pascal VOC 2012, ADE20k, Cityscapes domains."""
+"""Datasets of the continual segmentation benchmarks: Pascal VOC 2012, ADE20k, Cityscapes domains, and the
+point clouds of S3DIS and ScanNet v2."""
 
 from .ade import ADE_CLASSES, AdeSegmentation, AdeSegmentationIncremental
 from .cityscapes_domain import (
@@ -7,13 +8,22 @@ from .cityscapes_domain import (
     CityscapesSegmentationIncrementalDomain,
 )
 from .incremental import IncrementalSegmentationDataset
-from .presets import DATASETS, DatasetBundle, build_datasets
+from .pointcloud import (
+    PointCloudSegmentationIncremental,
+    S3DISSegmentationIncremental,
+    ScanNetSegmentationIncremental,
+)
+from .pointcloud_raw import S3DIS_CLASSES, SCANNET_CLASSES
+from .presets import DATASETS, POINT_CLOUD_DATASETS, DatasetBundle, build_datasets
 from .voc import VOC_CLASSES, VOCSegmentation, VOCSegmentationIncremental
 
 __all__ = [
     "ADE_CLASSES",
     "CITYSCAPES_CLASSES",
     "DATASETS",
+    "POINT_CLOUD_DATASETS",
+    "S3DIS_CLASSES",
+    "SCANNET_CLASSES",
     "VOC_CLASSES",
     "AdeSegmentation",
     "AdeSegmentationIncremental",
@@ -21,6 +31,9 @@ __all__ = [
     "CityscapesSegmentationIncrementalDomain",
     "DatasetBundle",
     "IncrementalSegmentationDataset",
+    "PointCloudSegmentationIncremental",
+    "S3DISSegmentationIncremental",
+    "ScanNetSegmentationIncremental",
     "VOCSegmentation",
     "VOCSegmentationIncremental",
     "build_datasets",

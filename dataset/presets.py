@@ -14,6 +14,8 @@ from utils.errors import OptionsError
 from .ade import AdeSegmentationIncremental
 from .cityscapes_domain import CITYSCAPES_CLASSES, CityscapesSegmentationIncrementalDomain
 from .incremental import IncrementalSegmentationDataset
+from .pointcloud import S3DISSegmentationIncremental, ScanNetSegmentationIncremental
+from .pointcloud_transform import eval_transform_3d, train_transform_3d
 from .transform import train_transform, val_transform
 from .voc import VOCSegmentationIncremental
 
@@ -21,7 +23,13 @@ DATASETS: dict[str, type[IncrementalSegmentationDataset]] = {
     "voc": VOCSegmentationIncremental,
     "ade": AdeSegmentationIncremental,
     "cityscapes_domain": CityscapesSegmentationIncrementalDomain,
+    "s3dis": S3DISSegmentationIncremental,
+    "scannet": ScanNetSegmentationIncremental,
 }
+#: Datasets of point clouds: items (points (9, N) float32, labels (N,) int64) instead of images.
+POINT_CLOUD_DATASETS = ("s3dis", "scannet")
+#: Points sampled per block when the options do not say (3DPC-CISS ``--pc_npts``).
+DEFAULT_NUM_POINTS = 2048
 
 
 @dataclass
@@ -70,6 +78,8 @@ def build_datasets(opts: Any) -> DatasetBundle:
       previous ones, overlap filtering, ``current`` masking, ``--ignore_test_bg`` (ADE);
       cache ``test_on_val-{step}.npy`` / ``test_on_train-{step}.npy``.
 
+    S3DIS and ScanNet go to :func:`build_point_cloud_datasets` (same roles, point-cloud items).
+
     Args:
         opts: parsed options (reference dests plus ``cache_dir``, ``scan_workers``, ``no_progress``).
 
@@ -93,6 +103,8 @@ def build_datasets(opts: Any) -> DatasetBundle:
         "progress": not getattr(opts, "no_progress", False),
     }
     step, masking = opts.step, not opts.no_mask
+    if opts.dataset in POINT_CLOUD_DATASETS:
+        return build_point_cloud_datasets(opts, labels, labels_old, cache, common)
     train_tf = train_transform(opts.crop_size)
     val_tf = val_transform(opts.crop_size, opts.crop_val)
 
@@ -125,4 +137,52 @@ def build_datasets(opts: Any) -> DatasetBundle:
     return DatasetBundle(
         train=train_dst, val=val_dst, test=test_dst, labels=list(labels), labels_old=list(labels_old),
         labels_cum=list(labels_cum), n_classes=n_classes,
+    )
+
+
+def build_point_cloud_datasets(
+    opts: Any, labels: list[int], labels_old: list[int], cache: Path, common: dict[str, Any]
+) -> DatasetBundle:
+    """The 3D counterpart of :func:`build_datasets` (S3DIS, ScanNet), same roles and cache files.
+
+    * train: training split, blocks with a current class (overlap) or without future ones (disjoint),
+      3DPC-CISS augmentation; cache ``train-{step}.npy``.
+    * val: ``--cross_val`` 80/20 random split of train, otherwise the test split's blocks with a current
+      class, evaluation sampling; cache ``val-{step}.npy``.
+    * test: every block of the test split (of the training split with ``--val_on_trainset``), labels =
+      every seen class, other classes background (or ignored with ``--ignore_test_bg``); cache
+      ``test_on_val-{step}.npy`` / ``test_on_train-{step}.npy``.
+
+    Reads ``opts.num_points`` (default 2048) and ``opts.xyz_norm`` (default ``block``) when present.
+    """
+    dataset_cls = DATASETS[opts.dataset]
+    labels_cum = labels_old + labels
+    step, masking = opts.step, not opts.no_mask
+    num_points = getattr(opts, "num_points", None) or DEFAULT_NUM_POINTS
+    xyz_norm = getattr(opts, "xyz_norm", None) or "block"
+    eval_tf = eval_transform_3d(num_points, xyz_norm)
+    train_dst: Dataset = dataset_cls(
+        root=opts.data_root, train=True, transform=train_transform_3d(num_points, xyz_norm),
+        labels=list(labels), labels_old=list(labels_old), idxs_path=cache / f"train-{step}.npy",
+        masking=masking, overlap=opts.overlap, data_masking=opts.data_masking, test_on_val=opts.test_on_val,
+        step=step, **common,
+    )
+    if opts.cross_val:
+        train_len = int(0.8 * len(train_dst))
+        train_dst, val_dst = random_split(train_dst, [train_len, len(train_dst) - train_len])
+    else:
+        val_dst = dataset_cls(
+            root=opts.data_root, train=False, transform=eval_tf, labels=list(labels),
+            labels_old=list(labels_old), idxs_path=cache / f"val-{step}.npy", masking=masking, overlap=True,
+            data_masking=opts.data_masking, step=step, **common,
+        )
+    image_set = "train" if opts.val_on_trainset else "val"
+    test_dst = dataset_cls(
+        root=opts.data_root, train=opts.val_on_trainset, transform=eval_tf, labels=list(labels_cum),
+        idxs_path=cache / f"test_on_{image_set}-{step}.npy", filter_blocks=False, step=step,
+        ignore_test_bg=opts.ignore_test_bg, **common,
+    )
+    return DatasetBundle(
+        train=train_dst, val=val_dst, test=test_dst, labels=list(labels), labels_old=list(labels_old),
+        labels_cum=list(labels_cum), n_classes=len(labels_cum),
     )
