@@ -6,9 +6,13 @@ The interface is the reference one flag for flag (§2.1): same names, ``dest``, 
 reference therefore keep working. What changes is the shape:
 
 * flags are grouped and the help shows the real defaults (``ArgumentDefaultsHelpFormatter``);
+* every numeric flag declares its valid values (``**ranged(int, at_least(1))``, see :class:`InRange`):
+  the parser refuses others with the flag, the value and the range, in one line, before any work;
 * ``--method`` presets are data (:data:`METHOD_PRESETS`), resolved by :func:`resolve_preset`;
-* :func:`modify_command_options` returns a new ``Namespace`` instead of mutating its input;
-* :func:`validate_options` refuses, before any work, option combinations the reference crashes on;
+* :func:`modify_command_options` returns a new ``Namespace`` instead of mutating its input, with worker
+  counts capped at the CPUs available;
+* :func:`validate_options` refuses, before any work, values out of their declared range, sizes the model
+  cannot train on, and option combinations the reference crashes on;
 * :func:`save_options` writes the resolved options next to the logs.
 
 Typical use (run.py)::
