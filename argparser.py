@@ -6,9 +6,13 @@ The interface is the reference one flag for flag (§2.1): same names, ``dest``, 
 reference therefore keep working. What changes is the shape:
 
 * flags are grouped and the help shows the real defaults (``ArgumentDefaultsHelpFormatter``);
+* every numeric flag declares its valid values (``**ranged(int, at_least(1))``, see :class:`InRange`):
+  the parser refuses others with the flag, the value and the range, in one line, before any work;
 * ``--method`` presets are data (:data:`METHOD_PRESETS`), resolved by :func:`resolve_preset`;
-* :func:`modify_command_options` returns a new ``Namespace`` instead of mutating its input;
-* :func:`validate_options` refuses, before any work, option combinations the reference crashes on;
+* :func:`modify_command_options` returns a new ``Namespace`` instead of mutating its input, with worker
+  counts capped at the CPUs available;
+* :func:`validate_options` refuses, before any work, values out of their declared range, sizes the model
+  cannot train on, and option combinations the reference crashes on;
 * :func:`save_options` writes the resolved options next to the logs.
 
 Typical use (run.py)::
@@ -22,11 +26,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
+import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import tasks
 from utils.errors import OptionsError
@@ -48,6 +55,155 @@ NORM_ACTS = ("iabn_sync", "iabn", "abn", "std", "iabn_sync_test")
 POD_PREPROS = ("pow", "none", "relu", "abs")
 MULTIMODAL_FUSIONS = ("sum", "mean", "max", "softmax")
 PSEUDO_MODES = ("naive", "confidence", "threshold_<float>", "median", "entropy")
+
+
+# numpy's legacy seeding (np.random.seed) takes 0 <= seed < 2**32; torch and python accept that range too.
+MAX_SEED = 2**32 - 1
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric option: an interval (bounds optional, each open or closed).
+
+    NaN and infinities are never valid: no option of this interface has a use for them, and a NaN
+    compares False with every bound, so it would otherwise slip through.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    #: Replaces the generated description, for a range checked elsewhere (e.g. --step, by the task).
+    text: str | None = None
+
+    def __contains__(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+    def describe(self, kind: type) -> str:
+        """``"an integer >= 1"``, ``"a number in (0, 1]"``, ``"any finite number"`` ..."""
+        if self.text is not None:
+            return self.text
+        noun = "an integer" if kind is int else "a number"
+        if self.low is None and self.high is None:
+            return "any integer" if kind is int else "any finite number"
+        if self.high is None:
+            return f"{noun} {'>' if self.low_open else '>='} {_number(self.low)}"
+        if self.low is None:
+            return f"{noun} {'<' if self.high_open else '<='} {_number(self.high)}"
+        if kind is int and not (self.low_open or self.high_open):
+            return f"{noun} from {_number(self.low)} to {_number(self.high)}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"{noun} in {left}{_number(self.low)}, {_number(self.high)}{right}"
+
+
+ANY = Range()
+# The valid steps depend on --task: validate_options refuses the others with a TaskError that names them.
+STEP_RANGE = Range(text="a step of --task: 0 to its number of steps - 1")
+
+
+def at_least(low: float) -> Range:
+    return Range(low=low)
+
+
+def above(low: float) -> Range:
+    return Range(low=low, low_open=True)
+
+
+def between(low: float, high: float) -> Range:
+    return Range(low=low, high=high)
+
+
+def out_of_range(flag: str, value: object, valid: Range, kind: type) -> str | None:
+    """None if ``value`` (a number, or a list of numbers for ``nargs``) is valid, else the reason."""
+    for item in value if isinstance(value, list | tuple) else [value]:
+        if item not in valid:
+            return f"{flag} {item!r} is out of range: it must be {valid.describe(kind)}"
+    return None
+
+
+class InRange(argparse.Action):
+    """``store`` (any ``nargs``) that refuses values outside the option's declared :class:`Range`.
+
+    Every numeric option of :func:`get_argparser` is declared through :func:`ranged`, so its valid values
+    are checked when the command line is parsed, listed in ``--help``, and checked again by
+    :func:`validate_options` on the resolved options (presets, hand-built namespaces).
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, valid: Range, **kwargs: Any) -> None:
+        if kwargs.get("type") not in (int, float):
+            raise ValueError(f"{dest}: InRange needs type=int or type=float")
+        if kwargs.get("help") not in (None, argparse.SUPPRESS):
+            kwargs["help"] = f"{kwargs['help']} [{valid.describe(kwargs['type'])}]"
+        super().__init__(option_strings, dest, **kwargs)
+        self.valid = valid
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        problem = out_of_range(option_string or self.dest, values, self.valid, self.type)
+        if problem is not None:
+            parser.error(problem)
+        setattr(namespace, self.dest, values)
+
+
+def ranged(kind: type, valid: Range) -> dict[str, Any]:
+    """``add_argument`` keywords of a numeric option: its type and its valid values."""
+    return {"type": kind, "action": InRange, "valid": valid}
+
+
+def _is_main_rank() -> bool:
+    # Before torch.distributed is set up, torchrun's RANK variable tells which process this is.
+    return os.environ.get("RANK", "0") == "0"
+
+
+class OptionParser(argparse.ArgumentParser):
+    """``ArgumentParser`` whose errors are one line (not the 40-line usage of 130 flags), printed once."""
+
+    def error(self, message: str) -> NoReturn:
+        if _is_main_rank():
+            print(
+                f"error: {message}. `python {self.prog} --help` lists every option and its valid values.",
+                file=sys.stderr,
+            )
+        self.exit(2)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under taskset or a batch scheduler)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def cap_workers(value: int | None, flag: str, cpus: int) -> int | None:
+    """``value`` limited to ``cpus``, with a one-line warning when it was above (rank 0 prints it).
+
+    More worker processes than CPUs only add memory (each worker holds a copy of the dataset object and
+    its prefetched batches) and fork overhead: ``--num_workers 1000`` would exhaust the machine.
+    """
+    if value is None or value <= cpus:
+        return value
+    if _is_main_rank():
+        print(
+            f"warning: {flag} {value} is more than the {cpus} CPUs available to this process; using {cpus}.",
+            file=sys.stderr,
+        )
+    return cpus
 
 
 def _pod_switch_options(after_factor: float) -> dict[str, Any]:
@@ -120,14 +276,16 @@ def _add_performance_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Performance")
     group.add_argument(
         "--random_seed",
-        type=int,
+        **ranged(int, between(0, MAX_SEED)),
         default=42,
         help="seed of torch, numpy and python random (same on every rank)",
     )
-    group.add_argument("--num_workers", type=int, default=4, help="DataLoader worker processes")
+    group.add_argument(
+        "--num_workers", **ranged(int, at_least(0)), default=4, help="DataLoader worker processes"
+    )
     group.add_argument(
         "--scan_workers",
-        type=int,
+        **ranged(int, at_least(0)),
         default=None,
         help="processes for the first per-step image filtering scan (None: --num_workers)",
     )
@@ -193,7 +351,7 @@ def _add_dataset_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dataset", type=str, default="voc", choices=list(DATASETS), help="dataset")
     group.add_argument(
         "--num_classes",
-        type=int,
+        **ranged(int, ANY),
         default=None,
         help="always overwritten from the dataset (voc 21, ade 151, cityscapes_domain 19)",
     )
@@ -226,7 +384,7 @@ def _add_method_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_training_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Training")
-    group.add_argument("--epochs", type=int, default=30, help="epochs of this step")
+    group.add_argument("--epochs", **ranged(int, at_least(1)), default=30, help="epochs of this step")
     group.add_argument(
         "--fix_bn",
         action="store_true",
@@ -234,24 +392,29 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         help="freeze the affine parameters of the normalisation layers (reference "
         "behaviour Q19: their eval mode is undone by model.train() every epoch)",
     )
-    group.add_argument("--batch_size", type=int, default=4, help="batch size per process")
+    group.add_argument("--batch_size", **ranged(int, at_least(1)), default=4, help="batch size per process")
     group.add_argument(
-        "--crop_size", type=int, default=512, help="train crop size, and val/test resize + center-crop size"
+        "--crop_size",
+        **ranged(int, at_least(1)),
+        default=512,
+        help="train crop size, and val/test resize + center-crop size",
     )
-    group.add_argument("--lr", type=float, default=0.01, help="base learning rate")
+    group.add_argument("--lr", **ranged(float, above(0)), default=0.01, help="base learning rate")
     group.add_argument(
         "--lr_old",
-        type=float,
+        **ranged(float, at_least(0)),
         default=None,
         help="at step > 0, old classifiers use lr_old * lr in their own param group",
     )
     group.add_argument(
         "--momentum",
-        type=float,
+        **ranged(float, Range(0, 1, low_open=True, high_open=True)),
         default=0.9,
         help="SGD (Nesterov) momentum; the reference ignored this flag and always used 0.9",
     )
-    group.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay of every param group")
+    group.add_argument(
+        "--weight_decay", **ranged(float, at_least(0)), default=1e-4, help="weight decay of every param group"
+    )
     group.add_argument(
         "--lr_policy",
         type=str,
@@ -259,9 +422,16 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         choices=["poly", "step"],
         help="learning-rate schedule, stepped every iteration",
     )
-    group.add_argument("--lr_decay_step", type=int, default=5000, help="step policy: period in iterations")
-    group.add_argument("--lr_decay_factor", type=float, default=0.1, help="step policy: decay factor")
-    group.add_argument("--lr_power", type=float, default=0.9, help="poly policy: power")
+    group.add_argument(
+        "--lr_decay_step", **ranged(int, at_least(1)), default=5000, help="step policy: period in iterations"
+    )
+    group.add_argument(
+        "--lr_decay_factor",
+        **ranged(float, Range(0, 1, low_open=True)),
+        default=0.1,
+        help="step policy: decay factor",
+    )
+    group.add_argument("--lr_power", **ranged(float, at_least(0)), default=0.9, help="poly policy: power")
     group.add_argument(
         "--freeze", action="store_true", default=False, help="exclude the backbone from the optimizer"
     )
@@ -280,7 +450,7 @@ def _add_validation_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Validation")
     group.add_argument(
         "--val_interval",
-        type=int,
+        **ranged(int, at_least(1)),
         default=60,
         help="validate every N epochs from epoch 30 on, and after the last epoch",
     )
@@ -288,8 +458,8 @@ def _add_validation_args(parser: argparse.ArgumentParser) -> None:
         "--crop_val",
         action="store_false",
         default=True,
-        help="True: val/test images are resized and center-cropped to --crop_size; "
-        "passing the flag sets it False (full images, loader batch 1)",
+        help="pass it to evaluate val/test images at full size (loader batch 1) instead of resizing and "
+        "center-cropping them to --crop_size (inverted reference flag: passing it sets crop_val False)",
     )
     group.add_argument(
         "--test_on_val",
@@ -327,17 +497,19 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
         "--visualize",
         action="store_false",
         default=True,
-        help="True: rank 0 writes tensorboard summaries; passing the flag sets it False",
+        help="pass it to turn OFF the tensorboard summaries rank 0 writes by default (inverted reference "
+        "flag: passing it sets visualize False, and --sample_num 0)",
     )
     group.add_argument(
         "--sample_num",
-        type=int,
+        **ranged(int, at_least(0)),
         default=0,
-        help="number of validation samples to visualise (forced to 0 with --visualize)",
+        help="number of validation samples to visualise (forced to 0 when --visualize is passed, which "
+        "turns the summaries off)",
     )
     group.add_argument(
         "--print_interval",
-        type=int,
+        **ranged(int, at_least(1)),
         default=10,
         help="iterations between training-loss log lines; the reference ignored this flag and always used 10",
     )
@@ -388,7 +560,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "inplace_abn package (CUDA, optional)",
     )
     group.add_argument(
-        "--pooling", type=int, default=32, help="eval-time pooling window of the ASPP image-pooling branch"
+        "--pooling",
+        **ranged(int, at_least(1)),
+        default=32,
+        help="eval-time pooling window of the ASPP image-pooling branch",
     )
     group.add_argument("--code_directory", type=str, default=".", help="directory that contains pretrained/")
 
@@ -424,8 +599,9 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
         "--strict_weights",
         action="store_false",
         default=True,
-        help="True: the previous-step checkpoint is loaded strictly into the old model (and "
-        "so is --ckpt when resuming); passing the flag sets it False",
+        help="pass it to load the previous-step checkpoint into the old model non-strictly (the old model's "
+        "newest classifier may be missing from the file); by default every key must match (inverted "
+        "reference flag: passing it sets strict_weights False)",
     )
     group.add_argument(
         "--no_resume",
@@ -448,7 +624,7 @@ def _add_incremental_args(parser: argparse.ArgumentParser) -> None:
         metavar="TASK",
         help=f"task split ({task_help})",
     )
-    group.add_argument("--step", type=int, default=0, help="incremental step to run")
+    group.add_argument("--step", **ranged(int, STEP_RANGE), default=0, help="incremental step to run")
     group.add_argument(
         "--overlap", action="store_true", default=False, help="overlapped setting instead of the disjoint one"
     )
@@ -479,7 +655,7 @@ def _add_distillation_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Distillation / regularisation")
     group.add_argument(
         "--loss_kd",
-        type=float,
+        **ranged(float, at_least(0)),
         default=0.0,
         help="weight of output distillation (KD, unbiased KD or LGKD) at step > 0",
     )
@@ -490,30 +666,50 @@ def _add_distillation_args(parser: argparse.ArgumentParser) -> None:
         "--lgkd", action="store_true", default=False, help="label-guided knowledge distillation"
     )
     group.add_argument(
-        "--prev_kd", type=float, default=10.0, help="LGKD weight of previous (background/old) pixels"
+        "--prev_kd",
+        **ranged(float, at_least(0)),
+        default=10.0,
+        help="LGKD weight of previous (background/old) pixels",
     )
-    group.add_argument("--novel_kd", type=float, default=2.0, help="LGKD weight of novel-class pixels")
+    group.add_argument(
+        "--novel_kd", **ranged(float, at_least(0)), default=2.0, help="LGKD weight of novel-class pixels"
+    )
     group.add_argument(
         "--alpha",
-        type=float,
+        **ranged(float, above(0)),
         default=1.0,
         help="multiplier of the old logits in KD losses (also the focal-loss alpha)",
     )
     group.add_argument(
-        "--loss_de", type=float, default=0.0, help="weight of ILT encoder feature distillation"
+        "--loss_de",
+        **ranged(float, at_least(0)),
+        default=0.0,
+        help="weight of ILT encoder feature distillation",
     )
     group.add_argument(
         "--regularizer", type=str, default=None, choices=["ewc", "rw", "pi"], help="parameter regulariser"
     )
-    group.add_argument("--reg_importance", type=float, default=1.0, help="regulariser weight")
-    group.add_argument("--reg_alpha", type=float, default=0.9, help="Fisher moving-average factor (EWC, RW)")
+    group.add_argument(
+        "--reg_importance", **ranged(float, at_least(0)), default=1.0, help="regulariser weight"
+    )
+    group.add_argument(
+        "--reg_alpha",
+        **ranged(float, between(0, 1)),
+        default=0.9,
+        help="Fisher moving-average factor (EWC, RW)",
+    )
     group.add_argument(
         "--reg_no_normalize",
         action="store_true",
         default=False,
         help="disable min-max normalisation of the importance matrices",
     )
-    group.add_argument("--reg_iterations", type=int, default=10, help="RW score update period in iterations")
+    group.add_argument(
+        "--reg_iterations",
+        **ranged(int, at_least(1)),
+        default=10,
+        help="RW score update period in iterations",
+    )
 
 
 def _add_icarl_args(parser: argparse.ArgumentParser) -> None:
@@ -521,7 +717,12 @@ def _add_icarl_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--icarl", action="store_true", default=False, help="LwF-MC: BCE + sigmoid distillation"
     )
-    group.add_argument("--icarl_importance", type=float, default=1.0, help="weight of the iCaRL distillation")
+    group.add_argument(
+        "--icarl_importance",
+        **ranged(float, at_least(0)),
+        default=1.0,
+        help="weight of the iCaRL distillation",
+    )
     group.add_argument(
         "--icarl_disjoint",
         action="store_true",
@@ -545,17 +746,20 @@ def _add_pseudo_args(parser: argparse.ArgumentParser) -> None:
         help=f"pseudo-label background pixels with the old model: {', '.join(PSEUDO_MODES)}",
     )
     group.add_argument(
-        "--threshold", type=float, default=0.9, help="base threshold of the median/entropy pseudo-labelling"
+        "--threshold",
+        **ranged(float, between(0, 1)),
+        default=0.9,
+        help="base threshold of the median/entropy pseudo-labelling",
     )
     group.add_argument(
         "--step_threshold",
-        type=float,
+        **ranged(float, ANY),
         default=None,
         help="no effect (reference behaviour Q15: added after the threshold is used)",
     )
     group.add_argument(
         "--pseudo_nb_bins",
-        type=int,
+        **ranged(int, at_least(1)),
         default=None,
         help="histogram bins of the median search (None: 100 for entropy, 20 for probability)",
     )
@@ -567,7 +771,7 @@ def _add_pseudo_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--classif_adaptive_min_factor",
-        type=float,
+        **ranged(float, between(0, 1)),
         default=0.0,
         help="lower clamp of the adaptive factor (0: no clamp)",
     )
@@ -585,7 +789,10 @@ def _add_pseudo_args(parser: argparse.ArgumentParser) -> None:
         help="soft pseudo-label CE variant",
     )
     group.add_argument(
-        "--pseudo_soft_factor", type=float, default=1.0, help="weight of the uncertain part of the soft CE"
+        "--pseudo_soft_factor",
+        **ranged(float, at_least(0)),
+        default=1.0,
+        help="weight of the uncertain part of the soft CE",
     )
     group.add_argument(
         "--pseudo_ablation",
@@ -605,7 +812,9 @@ def _add_pod_args(parser: argparse.ArgumentParser) -> None:
         choices=["spatial", "local", "global"],
         help="POD feature distillation pooling (step > 0)",
     )
-    group.add_argument("--pod_factor", type=float, default=5.0, help="POD weight of the non-last maps")
+    group.add_argument(
+        "--pod_factor", **ranged(float, at_least(0)), default=5.0, help="POD weight of the non-last maps"
+    )
     group.add_argument(
         "--pod_options",
         type=json.loads,
@@ -631,7 +840,7 @@ def _add_pod_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--pod_deeplab_mask_factor",
-        type=float,
+        **ranged(float, at_least(0)),
         default=None,
         help="POD factor of the masked maps (None: --pod_factor)",
     )
@@ -651,10 +860,14 @@ def _add_pod_args(parser: argparse.ArgumentParser) -> None:
         "--pod_large_logits",
         action="store_true",
         default=False,
-        help="add the full-resolution logits to the POD maps",
+        help="add the full-resolution logits to the POD maps (ignored with --pod_logits)",
     )
     group.add_argument(
-        "--spp_scales", type=int, nargs="+", default=[1, 2, 4], help="pyramid scales of local/global POD"
+        "--spp_scales",
+        **ranged(int, at_least(1)),
+        nargs="+",
+        default=[1, 2, 4],
+        help="pyramid scales of local/global POD",
     )
 
 
@@ -662,7 +875,7 @@ def _add_experimental_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Other experimental", "not used by any published setting")
     group.add_argument(
         "--nb_background_modes",
-        type=int,
+        **ranged(int, at_least(1)),
         default=1,
         help="> 1: the background classifier has this many outputs fused into one logit",
     )
@@ -698,7 +911,7 @@ def _add_experimental_args(parser: argparse.ArgumentParser) -> None:
         "--cosine", action="store_true", default=False, help="cosine classifier with a learnable scale"
     )
     group.add_argument("--nca", action="store_true", default=False, help="NCA criterion")
-    group.add_argument("--nca_margin", type=float, default=0.0, help="NCA margin")
+    group.add_argument("--nca_margin", **ranged(float, at_least(0)), default=0.0, help="NCA margin")
     group.add_argument(
         "--disable_background",
         action="store_true",
@@ -713,7 +926,7 @@ def _add_experimental_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--entropy_min",
-        type=float,
+        **ranged(float, at_least(0)),
         default=0.0,
         help="> 0 enables entropy minimisation (reference behaviour Q17: weight is always 1)",
     )
@@ -725,7 +938,7 @@ def _add_experimental_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--sample_weights_new",
-        type=float,
+        **ranged(float, at_least(0)),
         default=None,
         help="multiply the CE of every pixel by this value (reference behaviour Q18)",
     )
@@ -751,7 +964,7 @@ def _add_experimental_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--temperature_semiold",
-        type=float,
+        **ranged(float, ANY),
         default=1.0,
         help="temperature of the excluded KD (unused, since --exkd_* is refused)",
     )
@@ -762,7 +975,7 @@ def _add_experimental_args(parser: argparse.ArgumentParser) -> None:
         default=False,
         help="focal loss only on pixels of classes learned at this step",
     )
-    group.add_argument("--focal_loss_gamma", type=int, default=2, help="focal-loss gamma")
+    group.add_argument("--focal_loss_gamma", **ranged(int, at_least(0)), default=2, help="focal-loss gamma")
     group.add_argument(
         "--ce_on_new", action="store_true", default=False, help="ignore background pixels in the CE"
     )
@@ -782,7 +995,7 @@ def _add_deprecated_args(parser: argparse.ArgumentParser) -> None:
         choices=["mean", "voting", "max"],
         help="no effect",
     )
-    group.add_argument("--ckpt_interval", type=int, default=1, help="no effect")
+    group.add_argument("--ckpt_interval", **ranged(int, ANY), default=1, help="no effect")
     group.add_argument(
         "--pod_apply", type=str, default="all", choices=["all", "backbone", "deeplab"], help="no effect"
     )
@@ -805,7 +1018,10 @@ def _add_deprecated_args(parser: argparse.ArgumentParser) -> None:
         "--kd_new", action="store_true", default=False, help="no effect (commented out in the LGKD reference)"
     )
     group.add_argument(
-        "--temperature", type=float, default=1.0, help="no effect (commented out in the LGKD reference)"
+        "--temperature",
+        **ranged(float, ANY),
+        default=1.0,
+        help="no effect (commented out in the LGKD reference)",
     )
     group.add_argument(
         "--temperature_apply",
@@ -818,7 +1034,7 @@ def _add_deprecated_args(parser: argparse.ArgumentParser) -> None:
 
 def get_argparser() -> argparse.ArgumentParser:
     """Build the parser with every reference flag (§2.1) plus the additive flags of this project."""
-    parser = argparse.ArgumentParser(
+    parser = OptionParser(
         description="Continual semantic segmentation: train or test one incremental step.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -849,6 +1065,8 @@ def modify_command_options(opts: argparse.Namespace) -> argparse.Namespace:
     Reference semantics (§2.2): ``num_classes`` comes from the dataset; without ``visualize``,
     ``sample_num`` is 0; the ``--method`` preset overwrites the options it lists whatever the command
     line said; ``no_overlap`` and ``no_cross_val`` are the negations of ``overlap`` and ``cross_val``.
+    ``num_workers`` and ``scan_workers`` above the CPUs available are lowered to that number, with a
+    one-line warning on stderr, so the saved options hold what the run really uses.
     ``norm_act = iabn_sync_test`` is resolved to its alias ``iabn_sync`` here, once, so that the current
     and the old model are built alike (the reference renamed it half-way, Q12).
 
@@ -869,6 +1087,9 @@ def modify_command_options(opts: argparse.Namespace) -> argparse.Namespace:
     resolved.no_cross_val = not resolved.cross_val
     if resolved.norm_act == "iabn_sync_test":
         resolved.norm_act = "iabn_sync"
+    cpus = available_cpus()
+    resolved.num_workers = cap_workers(resolved.num_workers, "--num_workers", cpus)
+    resolved.scan_workers = cap_workers(getattr(resolved, "scan_workers", None), "--scan_workers", cpus)
     return resolved
 
 
@@ -877,10 +1098,15 @@ def _check_pseudo(pseudo: str | None) -> None:
         return
     if pseudo.startswith("threshold_"):
         try:
-            float(pseudo.removeprefix("threshold_"))
-            return
+            threshold = float(pseudo.removeprefix("threshold_"))
         except ValueError:
             pass
+        else:
+            # The fixed threshold is compared with the old model's softmax confidence, a probability.
+            problem = out_of_range("--pseudo threshold_<t>: t", threshold, between(0, 1), float)
+            if problem is not None:
+                raise OptionsError(f"{problem}, e.g. threshold_0.9.")
+            return
     raise OptionsError(
         f"Unknown --pseudo {pseudo!r}. Pass one of: {', '.join(PSEUDO_MODES)} "
         "(e.g. threshold_0.9), or leave it out to disable pseudo-labelling."
@@ -897,6 +1123,7 @@ def _check_pod(opts: argparse.Namespace) -> None:
     prepros = [opts.pod_prepro]
     if isinstance(switch, dict):
         prepros += [part.get("prepro") for part in switch.values() if isinstance(part, dict)]
+    _check_pod_numbers(switch)
     for prepro in prepros:
         if prepro == "abs":
             # Q21: the reference's "abs" calls torch.abs with two arguments and crashes; refused up front.
@@ -908,6 +1135,81 @@ def _check_pod(opts: argparse.Namespace) -> None:
             raise OptionsError(
                 f"Unknown POD pre-processing {prepro!r} (--pod_prepro or a 'prepro' entry of "
                 "--pod_options). Use pow (default), none or relu."
+            )
+
+
+# Numeric entries of a --pod_options "switch" section, with the same meaning as the flags they override.
+POD_SECTION_NUMBERS: dict[str, tuple[type, Range]] = {
+    "factor": (float, at_least(0)),
+    "spp_scales": (int, at_least(1)),
+    "upscale_mask_topk": (int, at_least(1)),
+}
+
+
+def _check_pod_numbers(switch: Any) -> None:
+    if not isinstance(switch, dict):
+        return
+    for name, section in switch.items():
+        if not isinstance(section, dict):
+            continue
+        for key, (kind, valid) in POD_SECTION_NUMBERS.items():
+            if key not in section:
+                continue
+            value = section[key]
+            values = value if isinstance(value, list) else [value]
+            wrong_type = not values or any(
+                isinstance(v, bool) or not isinstance(v, int if kind is int else int | float) for v in values
+            )
+            problem = None if wrong_type else out_of_range(f"{key!r}", value, valid, kind)
+            if wrong_type or problem is not None:
+                what = "a list of integers >= 1" if key == "spp_scales" else valid.describe(kind)
+                raise OptionsError(
+                    f"--pod_options: switch.{name}.{key} is {value!r}; it must be {what}. Fix the JSON "
+                    'of --pod_options, e.g. \'{"switch": {"after": {"extra_channels": "sum", "factor": '
+                    '0.0005, "type": "local"}}}\'.'
+                )
+
+
+def check_ranges(opts: argparse.Namespace) -> None:
+    """Refuse a numeric option outside the range its parser declaration gives (see :class:`InRange`).
+
+    The parser already checks the command line; this covers values that did not come through it: method
+    presets, options loaded from a file, namespaces built by hand. Options missing from ``opts`` and
+    None where None is the default are skipped.
+
+    Raises:
+        OptionsError: naming the flag, the value and the valid range.
+    """
+    for action in get_argparser()._actions:
+        if not isinstance(action, InRange) or not hasattr(opts, action.dest):
+            continue
+        value = getattr(opts, action.dest)
+        if value is None and action.default is None:
+            continue
+        problem = out_of_range(action.option_strings[0], value, action.valid, action.type)
+        if problem is not None:
+            raise OptionsError(f"{problem}. Pass a value in that range (see python run.py --help).")
+
+
+def _check_shapes(opts: argparse.Namespace) -> None:
+    """Combinations of sizes the model cannot train on (the single ranges are checked by check_ranges)."""
+    if not opts.test and opts.batch_size < 2:
+        raise OptionsError(
+            f"--batch_size {opts.batch_size} cannot train: batch normalisation needs more than one value per "
+            "channel, and the image-pooling branch of the DeepLab head reduces each image to a single value "
+            "(every --norm_act computes batch statistics in training, also with --fix_bn, whose eval mode is "
+            "undone each epoch; the check is per process, as in inplace_abn). Use --batch_size 2 or more "
+            "(per process; the reference scripts use 6 to 12); with little memory, lower --crop_size instead."
+        )
+    if not opts.test or opts.crop_val:
+        # The backbone's last feature map has side ceil(crop_size / output_stride).
+        side = math.ceil(opts.crop_size / opts.output_stride)
+        if side < 2:
+            raise OptionsError(
+                f"--crop_size {opts.crop_size} is too small for --output_stride {opts.output_stride}: the "
+                f"backbone's last feature map would be {side}x{side}, so the segmentation head sees one "
+                "feature and predicts one class per image. Use a --crop_size larger than --output_stride "
+                f"(at least {opts.output_stride + 1}; the paper uses 512)."
             )
 
 
@@ -944,9 +1246,12 @@ def validate_options(opts: argparse.Namespace) -> None:
 
     Raises:
         TaskError: the task does not exist for the dataset, or the step is out of range.
-        OptionsError: an option (combination) the reference does not implement or crashes on.
+        OptionsError: a numeric option outside its declared range, a size combination the model cannot
+            train on, or an option (combination) the reference does not implement or crashes on.
     """
+    check_ranges(opts)
     tasks.get_task_labels(opts.dataset, opts.task, opts.step)
+    _check_shapes(opts)
     _check_unsupported(opts)
     _check_pseudo(opts.pseudo)
     _check_pod(opts)

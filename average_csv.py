@@ -12,8 +12,9 @@ Reference behaviour (Q29, fixed on purpose): the reference crashes on ``X`` in t
 step-0 class is absent from the step-0 test set (``X`` in row 0), takes that column as the end of the
 step-0 classes. Here the end of the step-0 classes is the first lower-case ``x`` of row 0 (the first class
 not learned at step 0), and ``X``/``x`` entries of the last row are left out of the old/new means, with a
-note on stderr. Malformed files (empty, steps missing or out of order, ragged rows, non-numbers) give a
-one-paragraph message and exit status 1 instead of a traceback.
+note on stderr. Malformed files (empty, steps missing or out of order, ragged rows, non-numbers, IoUs
+outside [0, 1] or NaN anywhere in the file) give a one-paragraph message and exit status 1 instead of a
+traceback or a summary of impossible numbers.
 """
 
 from __future__ import annotations
@@ -77,6 +78,27 @@ def _number(value: str, where: str) -> float:
         raise CsvFormatError(f"{where} is {value!r}, not a number.") from None
 
 
+def _iou(value: str, where: str) -> float:
+    """``value`` as an IoU: a number in [0, 1] (NaN and infinities refused)."""
+    number = _number(value, where)
+    if not 0.0 <= number <= 1.0:  # False for NaN too
+        raise CsvFormatError(
+            f"{where} is {value!r}, not an IoU in [0, 1]: run.py writes every IoU as a fraction (X or x when "
+            "there is none). The row is damaged or was not written by run.py (percentages?); rerun that step "
+            "with --test to rewrite it."
+        )
+    return number
+
+
+def _check_values(rows: Sequence[Sequence[str]]) -> None:
+    """Every class IoU is X, x or in [0, 1]; every mIoU is in [0, 1] (rows already shaped by _check_rows)."""
+    for i, row in enumerate(rows):
+        for col in range(1, len(row) - 1):
+            if row[col] not in (ABSENT, NOT_LEARNED):
+                _iou(row[col], f"the IoU of class {col - 1} in row {i + 1}")
+        _iou(row[-1], f"the mIoU of row {i + 1}")
+
+
 def _first_unlearned_column(first_row: Sequence[str]) -> int:
     """Column of the first class not learned at step 0 (the mIoU column if every class is)."""
     for col in range(1, len(first_row)):
@@ -96,7 +118,7 @@ def _mean_iou(fields: Sequence[str], first_class: int, what: str, notes: list[st
         if value in (ABSENT, NOT_LEARNED):
             skipped.append(f"{first_class + offset} ({value})")
         else:
-            values.append(_number(value, f"the IoU of class {first_class + offset} in the last row"))
+            values.append(_iou(value, f"the IoU of class {first_class + offset} in the last row"))
     if skipped:
         notes.append(
             f"mIoU {what}: classes {', '.join(skipped)} have no IoU in the last row "
@@ -120,12 +142,14 @@ def summarize(rows: Sequence[Sequence[str]], notes: list[str] | None = None) -> 
         mIoU over all steps. With a single row, bg/old/new are 0 as in the reference.
 
     Raises:
-        CsvFormatError: empty input, steps not 0..n-1 in order, ragged rows or non-numeric values.
+        CsvFormatError: empty input, steps not 0..n-1 in order, ragged rows, non-numeric values or IoUs
+            outside [0, 1] (NaN included).
     """
     notes = [] if notes is None else notes
     _check_rows(rows)
+    _check_values(rows)
     first, last = rows[0], rows[-1]
-    miou = [_number(row[-1], f"the mIoU of row {i + 1}") for i, row in enumerate(rows)]
+    miou = [_iou(row[-1], f"the mIoU of row {i + 1}") for i, row in enumerate(rows)]
     summary: dict[str, float | int] = {
         "step": int(last[0]),
         "bg": 0.0,
@@ -143,7 +167,7 @@ def summarize(rows: Sequence[Sequence[str]], notes: list[str] | None = None) -> 
         notes.append("IoU BG: background has no IoU in the last row.")
         summary["bg"] = math.nan
     else:
-        summary["bg"] = _number(last[1], "the background IoU in the last row")
+        summary["bg"] = _iou(last[1], "the background IoU in the last row")
     summary["old"] = _mean_iou(last[2:col], 1, "old", notes)
     summary["new"] = _mean_iou(last[col:-1], col - 1, "new", notes)
     return summary

@@ -152,7 +152,7 @@ def build_loaders(opts: Any, bundle: Any, info: dist_utils.DistInfo) -> tuple[Da
             f"The training set of step {opts.step} of task {opts.task} is empty: no image of "
             f"{opts.data_root} contains the classes {bundle.labels} of this step"
             f"{' without future classes (disjoint setting)' if not opts.overlap else ''}. Check --data_root, "
-            "--task and --step, or use --overlap."
+            f"--task and --step{'' if opts.overlap else ', or use --overlap'}."
         )
     if len(bundle.train) < opts.batch_size * world and not opts.test:
         raise DatasetError(

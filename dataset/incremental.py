@@ -37,8 +37,9 @@ from .transform import ToTensor, label_to_tensor
 
 logger = logging.getLogger("LGKD.dataset")
 
-#: Bumped whenever the meaning of a cached index file changes.
-CACHE_FORMAT = 1
+#: Bumped whenever the meaning of a cached index file changes. 2: the scan also refuses masks whose size
+#: differs from their image's, so splits cached before that check are scanned again.
+CACHE_FORMAT = 2
 #: Masks per task handed to a scan worker.
 SCAN_CHUNK = 64
 #: Below this many masks the scan runs in-process: starting a pool would cost more than it saves.
@@ -149,27 +150,54 @@ def select_indices(
     return np.flatnonzero(keep).astype(np.int64)
 
 
+def _unreadable(exc: BaseException) -> str:
+    """How a file that PIL could not open or decode is described in an error."""
+    if isinstance(exc, FileNotFoundError):
+        return "is missing"
+    # PIL reports damaged files with OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error ...
+    return f"cannot be read ({type(exc).__name__}: {exc})"
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    """``(width, height)`` from the file header: PIL's ``open`` is lazy and decodes no pixel."""
+    with Image.open(path) as image:
+        return image.size
+
+
 def _scan_chunk(chunk: Sequence[Sample]) -> tuple[np.ndarray, tuple[str, str, str] | None]:
     """Value presence of each mask of ``chunk``: ``(n, 256)`` bool, plus the first problem found.
 
-    Runs in a pool worker; problems come back as ``(what, path, detail)`` so the parent raises the
-    :class:`DatasetError` with the dataset's download hint.
+    Each image's header is read for its size (no decoding), which must equal its mask's: a mask of another
+    size would be cropped and flipped out of step with its image. Runs in a pool worker; problems come
+    back as ``(what, path, detail)`` so the parent raises the :class:`DatasetError` with the dataset's
+    download hint.
     """
     presence = np.zeros((len(chunk), 256), dtype=bool)
     for i, (image_path, mask_path) in enumerate(chunk):
-        if not os.path.isfile(image_path):
-            return presence[:i], ("image", image_path, "is missing")
+        try:
+            image_size = _image_size(image_path)
+        except Exception as exc:  # whatever PIL raises on this file is reported as the file's
+            return presence[:i], ("image", image_path, _unreadable(exc))
         try:
             with Image.open(mask_path) as mask:
                 if mask.mode not in ("L", "P"):
                     return presence[:i], ("mask", mask_path, f"has PIL mode {mask.mode!r}, not 8-bit L/P")
+                if mask.size != image_size:
+                    detail = _size_mismatch(mask.size, image_path, image_size)
+                    return presence[:i], ("mask", mask_path, detail)
                 # histogram() of an L/P image counts each of the 256 values in C, much faster than np.unique.
                 presence[i] = np.asarray(mask.histogram(), dtype=np.int64) > 0
-        except FileNotFoundError:
-            return presence[:i], ("mask", mask_path, "is missing")
-        except OSError as exc:
-            return presence[:i], ("mask", mask_path, f"cannot be read ({exc})")
+        except Exception as exc:
+            return presence[:i], ("mask", mask_path, _unreadable(exc))
     return presence, None
+
+
+def _size_mismatch(mask_size: tuple[int, int], image_path: str, image_size: tuple[int, int]) -> str:
+    (mw, mh), (iw, ih) = mask_size, image_size
+    return (
+        f"is {mw}x{mh} pixels but its image {image_path} is {iw}x{ih}, so its labels would not line up with "
+        "the pixels (a mask of another image, or a resized or rotated copy)"
+    )
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -335,6 +363,34 @@ def holdout_split(idxs: Sequence[int], train: bool) -> list[int]:
     return idxs[:train_len] if train else idxs[train_len:]
 
 
+def load_image_and_label(image_path: str, label_path: str, hint: str = "") -> tuple[Image.Image, Image.Image]:
+    """Decode an RGB image and its label (palette/grey values untouched), both checked.
+
+    Any failure of PIL on a file (a truncated JPEG, a damaged PNG ...) becomes a :class:`DatasetError` that
+    names the file. In a ``DataLoader`` worker that error reaches the user as this message alone (see
+    :class:`utils.errors.UserError`), instead of the worker's traceback of a PIL exception.
+
+    Raises:
+        DatasetError: a file is missing or cannot be decoded, or the two differ in size (checked here too
+            because cached splits and the Cityscapes domains are not scanned).
+    """
+    try:
+        image = Image.open(image_path).convert("RGB")
+    except Exception as exc:  # whatever PIL raises on this file is reported as the file's
+        raise DatasetError(f"The image file {image_path} {_unreadable(exc)}. {hint}".rstrip()) from exc
+    try:
+        label = Image.open(label_path)
+        label.load()
+    except Exception as exc:
+        raise DatasetError(f"The label mask {label_path} {_unreadable(exc)}. {hint}".rstrip()) from exc
+    if label.size != image.size:
+        raise DatasetError(
+            f"The label mask {label_path} {_size_mismatch(label.size, image_path, image.size)}. Every entry "
+            f"of the split needs a mask of its image's size. {hint}".rstrip()
+        )
+    return image, label
+
+
 class ImageLabelPairs:
     """Base of the raw split readers: ``self.images`` lists (image path, label path) pairs.
 
@@ -349,8 +405,7 @@ class ImageLabelPairs:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
-        image = Image.open(self.images[index][0]).convert("RGB")
-        target = Image.open(self.images[index][1])
+        image, target = load_image_and_label(*self.images[index])
         if self.transform is not None:
             image, target = self.transform(image, target)
         return image, target
@@ -486,9 +541,9 @@ class IncrementalSegmentationDataset(Dataset):
         if problem is not None:
             what, path, detail = problem
             raise DatasetError(
-                f"The {what} file {path} {detail}. Every entry of the split must have an RGB image and "
-                f"an 8-bit single-channel mask with values 0..{self.num_classes - 1} or 255. "
-                f"{self.download_hint}"
+                f"The {what} file {path} {detail}. Every entry of the split must have a readable RGB image "
+                f"and an 8-bit single-channel mask of the same size with values 0..{self.num_classes - 1} or "
+                f"255. {self.download_hint}"
             )
         invalid = presence[:, self.num_classes : IGNORE].any(axis=1)
         if invalid.any():
@@ -510,22 +565,12 @@ class IncrementalSegmentationDataset(Dataset):
         return len(self.indices)
 
     def load_pair(self, index: int) -> tuple[Image.Image, Image.Image]:
-        """The raw (RGB image, label) of the full split's entry ``index``."""
-        image_path, label_path = self.samples[index]
-        try:
-            image = Image.open(image_path).convert("RGB")
-        except OSError as exc:
-            raise DatasetError(
-                f"Cannot read the image {image_path} ({exc}). {self.download_hint}"
-            ) from exc
-        try:
-            label = Image.open(label_path)
-            label.load()
-        except OSError as exc:
-            raise DatasetError(
-                f"Cannot read the label mask {label_path} ({exc}). {self.download_hint}"
-            ) from exc
-        return image, label
+        """The raw (RGB image, label) of the full split's entry ``index``.
+
+        Raises:
+            DatasetError: a file is missing, damaged or of another size than its partner.
+        """
+        return load_image_and_label(*self.samples[index], hint=self.download_hint)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(image (3, H, W), label uint8 (H, W))`` after the joint transform and the LUT.
