@@ -353,3 +353,47 @@ def test_step0_to_step1_checkpoint_of_the_point_model(tmp_path):
     image_model = make_model(make_opts(), classes=[16])
     with pytest.raises(CheckpointError, match=r"resnet18 body while the model is a dgcnn"):
         load_model_state(old, image_model.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("norm_act", ["iabn_sync", "std"])
+def test_recompute_abn_gives_the_same_point_model_gradients(norm_act):
+    torch.manual_seed(0)
+    plain = make_model(point_opts(knn_k=5, norm_act=norm_act), classes=[4, 2]).double().train()
+    recomputed = make_model(point_opts(knn_k=5, norm_act=norm_act, recompute_abn=True), classes=[4, 2])
+    recomputed = recomputed.double().train()
+    recomputed.load_state_dict(plain.state_dict())
+    assert all(m.recompute for m in recomputed.modules() if is_norm_layer(m))
+    x = torch.rand(2, 9, 30, dtype=torch.float64)
+    outputs = []
+    for net in (plain, recomputed):
+        torch.manual_seed(1)  # same dropout mask
+        out, _ = net(x)
+        out.square().mean().backward()
+        outputs.append(out)
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for (name, p1), (_, p2) in zip(plain.named_parameters(), recomputed.named_parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, msg=name)
+    torch.testing.assert_close(plain.state_dict(), recomputed.state_dict())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_point_model_on_cuda_matches_cpu_and_trains_under_fp16_autocast():
+    torch.manual_seed(0)
+    cpu_model = make_model(point_opts(knn_k=10), classes=[4, 2]).eval()
+    cuda_model = make_model(point_opts(knn_k=10, device="cuda"), classes=[4, 2]).cuda().eval()
+    cuda_model.load_state_dict(cpu_model.state_dict())
+    points = torch.rand(3, 9, 500)
+    assert torch.equal(
+        knn(points.cuda(), 10, chunk_size=700).sort(-1).values.cpu(), knn(points, 10).sort(-1).values
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(
+            cuda_model(points.cuda())[0].cpu(), cpu_model(points)[0], rtol=1e-3, atol=1e-3
+        )
+    cuda_model.train().to(memory_format=torch.channels_last)  # as run.py builds CUDA models
+    with torch.autocast("cuda", dtype=torch.float16):
+        logits, _ = cuda_model(points.cuda())
+        loss = F.cross_entropy(logits.float(), torch.randint(0, 6, (3, 500), device="cuda"))
+    loss.backward()
+    assert torch.isfinite(loss) and cuda_model.body.edge_convs[0].conv0.weight.grad.isfinite().all()
