@@ -108,8 +108,10 @@ def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["warmup"] > 0:
         trainer.train(0, optim, batches[: cfg["warmup"]])
     memory.reset_peak()
+    cpu0 = time.process_time()
     with common.BlockTimer(device) as timer:
         trainer.train(0, optim, batches[: cfg["iters"]])
+    cpu_seconds = time.process_time() - cpu0
     memory.read_peak()
     s_per_iter = timer.seconds / cfg["iters"]
     chunk = model.body.edge_convs[0].chunk_size
@@ -122,6 +124,9 @@ def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "terms": sorted(trainer.loss_terms.keys()),
         "uses_old_model": bool(trainer.use_old),
         "ms_per_iter": 1000 * s_per_iter,
+        # CPU time of the process: with one thread, what an idle machine would take (other processes
+        # on a shared machine inflate the wall time, not this).
+        "cpu_ms_per_iter": 1000 * cpu_seconds / cfg["iters"],
         "points_per_s": cfg["batch"] * cfg["points"] / s_per_iter,
         "clouds_per_s": cfg["batch"] / s_per_iter,
         "peak_mib": memory.peak / common.MIB,
@@ -160,12 +165,13 @@ def render(payload: dict[str, Any]) -> str:
         f"{machine.get('gpu') or machine['cpu']}, torch {machine['torch']}, "
         f"load average {common.fmt(load)} on {machine['cpu_cores']} cores"
     )
-    headers = ["points", "step", "terms", "ms/iter", "points/s", "clouds/s", "peak MiB", "delta MiB"]
+    headers = ["points", "step", "terms", "ms/iter", "CPU ms/iter", "points/s", "clouds/s", "peak MiB"]
+    headers += ["delta MiB"]
     headers += ["kNN MiB chunked", "kNN MiB unchunked"]
     rows = []
     for r in payload["results"]:
         if "error" in r:
-            rows.append([r["config"]["points"], r["config"]["step"], "error: " + r["error"]] + ["-"] * 7)
+            rows.append([r["config"]["points"], r["config"]["step"], "error: " + r["error"]] + ["-"] * 8)
             continue
         rows.append(
             [
@@ -173,6 +179,7 @@ def render(payload: dict[str, Any]) -> str:
                 r["step"],
                 "+".join(r["terms"]),
                 r["ms_per_iter"],
+                r["cpu_ms_per_iter"],
                 round(r["points_per_s"]),
                 r["clouds_per_s"],
                 r["peak_mib"],
@@ -182,8 +189,9 @@ def render(payload: dict[str, Any]) -> str:
             ]
         )
     note = (
-        "peak = resident set size of the worker process (CPU) or max_memory_allocated (CUDA); delta = its "
-        "increase over the built model(s); kNN MiB = float32 distance rows held at once by one graph"
+        "CPU ms/iter = process CPU time (all threads); peak = resident set size of the worker process (CPU) "
+        "or max_memory_allocated (CUDA); delta = its increase over the built model(s); kNN MiB = float32 "
+        "distance rows held at once by one graph"
     )
     return "\n".join([head, "", common.format_table(headers, rows), "", note])
 

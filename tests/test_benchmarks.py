@@ -138,7 +138,7 @@ def test_bench_memory_smoke(tmp_path: Path) -> None:
 
 def test_bench_pointcloud_smoke(tmp_path: Path) -> None:
     stdout, payload = run_smoke("bench_pointcloud.py", tmp_path)
-    for header in ("points/s", "ms/iter", "peak MiB", "kNN MiB chunked", "kNN MiB unchunked"):
+    for header in ("points/s", "ms/iter", "CPU ms/iter", "peak MiB", "kNN MiB chunked", "kNN MiB unchunked"):
         assert header in stdout
     assert payload["benchmark"] == "pointcloud"
     assert {"date", "machine", "config", "results"} <= payload.keys()
