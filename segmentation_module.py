@@ -180,11 +180,14 @@ def _make_point_model(
     (3DPC-CISS has no pretrained weights), so ``--no_pretrained`` makes no difference; ``output_stride``
     and ``pooling`` do not apply (the logits are per point).
     """
+    k = getattr(opts, "knn_k", None)
     chunk = getattr(opts, "knn_chunk", DEFAULT_KNN_CHUNK)
+    if not getattr(opts, "no_pretrained", True):
+        logger.info("DGCNN has no pretrained weights (nor has 3DPC-CISS's): it is trained from scratch.")
     body = DGCNN(
         POINT_CHANNELS,
         norm,
-        k=int(getattr(opts, "knn_k", DEFAULT_K) or DEFAULT_K),
+        k=DEFAULT_K if k is None else int(k),
         chunk_size=int(chunk) if chunk else None,
     )
     head = PointSegHead(body.out_channels, norm)

@@ -175,6 +175,12 @@ class EdgeConv(nn.Module):
         super().__init__()
         if not widths:
             raise ValueError("EdgeConv needs at least one layer width")
+        if k < 1:
+            raise OptionsError(f"--knn_k must be at least 1 (neighbours per point; DGCNN uses 20), got {k}.")
+        if chunk_size is not None and chunk_size < 1:
+            raise OptionsError(
+                f"--knn_chunk must be at least 1 query point (or 0 for no chunking), got {chunk_size}."
+            )
         self.in_channels = in_channels
         self.k = k
         self.chunk_size = chunk_size

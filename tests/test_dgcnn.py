@@ -108,6 +108,11 @@ def test_knn_refuses_k_larger_than_the_cloud_and_bad_chunks():
     model = make_model(point_opts(knn_k=20), classes=[4]).eval()
     with pytest.raises(OptionsError, match="--knn_k"):
         model(torch.rand(1, 9, 16))
+    with pytest.raises(OptionsError, match="--knn_k must be at least 1"):
+        make_model(point_opts(knn_k=0), classes=[4])
+    with pytest.raises(OptionsError, match="--knn_chunk must be at least 1"):
+        make_model(point_opts(knn_chunk=-5), classes=[4])
+    assert make_model(point_opts(knn_chunk=0), classes=[4]).body.edge_convs[0].chunk_size is None
 
 
 def test_knn_never_holds_more_distance_rows_than_the_chunk(monkeypatch):
