@@ -157,6 +157,9 @@ class StepInfo:
 class StepBatch:
     """Everything a loss term may read for one batch.
 
+    Shapes are written for images; for point clouds every (H, W) is (N,): images (B, 9, N) points, labels
+    (B, N), outputs (B, C_new, N), and the features of the point-cloud model.
+
     Attributes:
         images: (B, 3, H, W) input images.
         labels: (B, H, W) long labels *after* pseudo-labelling (``pseudo.labels``; the ground truth when

@@ -5,6 +5,9 @@ data masking) receive the old model's prediction where it is confident (PLOP, Do
 Eq. 4), and the cross-entropy of each image is scaled by the fraction of confident background pixels
 (PLOP Eq. 5, ``--classif_adaptive_factor``). Confidence thresholds per class come from an approximate
 median computed once before training by :func:`find_median`.
+
+Shapes are written for images, (B, C, H, W) logits and (B, H, W) labels; point clouds pass (B, C, N) logits
+and (B, N) labels through the same code (the per-image factor is then (B, 1)).
 """
 
 from __future__ import annotations
