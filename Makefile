@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_eval.py --smoke
 	$(PY) benchmarks/bench_data.py --smoke
 	$(PY) benchmarks/bench_memory.py --smoke
+	$(PY) benchmarks/bench_pointcloud.py --smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache

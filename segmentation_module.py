@@ -1,8 +1,9 @@
 """The incremental segmentation model (§5.4-5.5) and its builder ``make_model`` (§5.7).
 
-``IncrementalSegmentationModule`` = ResNet body + DeepLabV3 head + one 1x1 classifier per incremental step.
-Its state-dict keys are the reference's without the DDP ``module.`` prefix (§5.6); ``utils.checkpoint`` adds
-or strips the prefix so reference checkpoints load unchanged.
+``IncrementalSegmentationModule`` = ResNet body + DeepLabV3 head + one 1x1 classifier per incremental step
+for images, or DGCNN body + per-point head + one per-point classifier per step for point clouds
+(``--backbone dgcnn``). Its state-dict keys are the reference's without the DDP ``module.`` prefix (§5.6);
+``utils.checkpoint`` adds or strips the prefix so reference checkpoints load unchanged.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataset.transform import normalize_on_device
-from models import build_backbone
+from models import DEFAULT_K, DEFAULT_KNN_CHUNK, DGCNN, POINT_BACKBONES, POINT_CHANNELS, build_backbone
 from modules import (
     ABN,
     BatchNormAct2d,
     DeeplabV3,
     InPlaceABN,
     InPlaceABNSync,
+    PointSegHead,
     import_inplace_abn,
     is_norm_layer,
 )
@@ -42,6 +44,10 @@ MULTIMODAL_INITS = ("max", "softmax", "max_remove", "softmax_remove")
 ALIGN_TYPES = ("old", "background", "all")
 # Reference behaviour (§5.4): Cityscapes-as-domains keeps one 19-way classifier at every step.
 CITYSCAPES_CLASSES = 19
+# Classifier convolutions and their functional form by the number of spatial axes of the logits:
+# (B, C, N) per-point logits of point clouds, (B, C, H, W) maps of images.
+_CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d}
+_CONV_FNS: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d}
 
 
 def build_norm_act(
@@ -122,6 +128,9 @@ def make_model(
             multimodal_fusion, cosine, disable_background).
         classes: classes added at each step so far, e.g. ``[16, 1, 1]`` for VOC 15-5s step 2.
 
+    ``--backbone dgcnn`` builds the point-cloud model (input (B, 9, N), logits (B, C, N)): see
+    :func:`_make_point_model` for the options it reads.
+
     Raises:
         OptionsError: bad model options; CheckpointError: missing or unusable ImageNet weights.
     """
@@ -136,6 +145,8 @@ def make_model(
         use_cuda=_uses_cuda(opts),
         group=group,
     )
+    if opts.backbone in POINT_BACKBONES:
+        return _make_point_model(opts, classes, norm)
     body = build_backbone(opts.backbone, norm, opts.output_stride)
     if not opts.no_pretrained:
         load_imagenet_weights(body, imagenet_weights_path(opts))
@@ -159,6 +170,40 @@ def make_model(
     )
 
 
+def _make_point_model(
+    opts: argparse.Namespace, classes: Sequence[int], norm: Callable[[int], nn.Module]
+) -> IncrementalSegmentationModule:
+    """DGCNN body + per-point head + per-step ``Conv1d`` classifiers (3DPC-CISS ``models/dgcnn_seg.py``).
+
+    Reads ``knn_k`` (default 20) and ``knn_chunk`` (query points per kNN chunk, default
+    ``models.DEFAULT_KNN_CHUNK``; 0 or None: no chunking) with ``getattr``. DGCNN is trained from scratch
+    (3DPC-CISS has no pretrained weights), so ``--no_pretrained`` makes no difference; ``output_stride``
+    and ``pooling`` do not apply (the logits are per point).
+    """
+    k = getattr(opts, "knn_k", None)
+    chunk = getattr(opts, "knn_chunk", DEFAULT_KNN_CHUNK)
+    if not getattr(opts, "no_pretrained", True):
+        logger.info("DGCNN has no pretrained weights (nor has 3DPC-CISS's): it is trained from scratch.")
+    body = DGCNN(
+        POINT_CHANNELS,
+        norm,
+        k=DEFAULT_K if k is None else int(k),
+        chunk_size=int(chunk) if chunk else None,
+    )
+    head = PointSegHead(body.out_channels, norm)
+    return IncrementalSegmentationModule(
+        body,
+        head,
+        head.out_channels,
+        classifier_sizes_for(opts, classes),
+        nb_background_modes=int(getattr(opts, "nb_background_modes", 1)),
+        multimodal_fusion=getattr(opts, "multimodal_fusion", "sum"),
+        use_cosine=bool(getattr(opts, "cosine", False)),
+        disable_background=bool(getattr(opts, "disable_background", False)),
+        spatial_dims=1,
+    )
+
+
 class IncrementalSegmentationModule(nn.Module):
     """Body + head + one classifier per step; logits are the concatenation of the classifiers' outputs.
 
@@ -171,6 +216,9 @@ class IncrementalSegmentationModule(nn.Module):
         multimodal_fusion: sum, mean, max or softmax (softmax-weighted sum of the modes).
         use_cosine: cosine classifier (normalised weights) with a learnable ``scalar`` used by the NCA loss.
         disable_background: in evaluation (``in_eval``), the background logit is set to 0.
+        spatial_dims: 2 for images (input (B, 3, H, W), ``Conv2d`` classifiers, logits upsampled bilinearly
+            to the input size) or 1 for point clouds (input (B, C, N), ``Conv1d`` classifiers, one logit
+            vector per point: the head keeps the N points, so nothing is resampled).
 
     Attributes:
         classes: classifier sizes (with multimodal background: ``[modes, classes[0] - 1, *classes[1:]]``).
@@ -189,8 +237,12 @@ class IncrementalSegmentationModule(nn.Module):
         multimodal_fusion: str = "sum",
         use_cosine: bool = False,
         disable_background: bool = False,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
+        if spatial_dims not in _CONVS:
+            raise ValueError(f"spatial_dims must be 1 (point clouds) or 2 (images), got {spatial_dims}")
+        self.spatial_dims = spatial_dims
         if not classes or any(int(c) <= 0 for c in classes):
             raise ValueError(
                 f"classes must be a non-empty list of positive class counts, got {list(classes)}"
@@ -212,7 +264,7 @@ class IncrementalSegmentationModule(nn.Module):
         self.classes = sizes
         self.tot_classes = sum(sizes)
         self.head_channels = head_channels
-        self.cls = nn.ModuleList([nn.Conv2d(head_channels, c, 1) for c in sizes])
+        self.cls = nn.ModuleList([_CONVS[spatial_dims](head_channels, c, 1) for c in sizes])
         self.nb_background_modes = nb_background_modes
         self.multimodal_fusion = multimodal_fusion
         self.use_cosine = use_cosine
@@ -221,7 +273,7 @@ class IncrementalSegmentationModule(nn.Module):
         self.scalar = nn.Parameter(torch.tensor(1.0)) if use_cosine else None
 
     def _fuse_background(self, modes: torch.Tensor) -> torch.Tensor:
-        """(B, M, h, w) background-mode logits -> (B, 1, h, w)."""
+        """(B, M, *) background-mode logits -> (B, 1, *), * = (h, w) or (N,)."""
         if self.multimodal_fusion == "sum":
             return modes.sum(dim=1, keepdim=True)
         if self.multimodal_fusion == "mean":
@@ -231,7 +283,7 @@ class IncrementalSegmentationModule(nn.Module):
         return (F.softmax(modes, dim=1) * modes).sum(dim=1, keepdim=True)
 
     def _classify(self, x_pl: torch.Tensor) -> torch.Tensor:
-        """(B, 256, h, w) head output -> (B, C_new, h, w) logits."""
+        """(B, head_channels, *) head output -> (B, C_new, *) logits, * = (h, w) or (N,)."""
         logits = []
         for i, conv in enumerate(self.cls):
             if i == 0 and self.nb_background_modes > 1:
@@ -239,7 +291,8 @@ class IncrementalSegmentationModule(nn.Module):
             elif self.use_cosine:
                 # Reference behaviour (Q22): only the weights are L2-normalised (and there is no bias); the
                 # reference normalises the features into a variable it never uses, so raw features go in.
-                logits.append(F.conv2d(x_pl, F.normalize(conv.weight, p=2, dim=1)))
+                conv_fn = _CONV_FNS[self.spatial_dims]
+                logits.append(conv_fn(x_pl, F.normalize(conv.weight, p=2, dim=1)))
             else:
                 logits.append(conv(x_pl))
         x_o = torch.cat(logits, dim=1)
@@ -247,22 +300,34 @@ class IncrementalSegmentationModule(nn.Module):
             x_o = torch.cat([torch.zeros_like(x_o[:, :1]), x_o[:, 1:]], dim=1)
         return x_o
 
+    def _to_input_size(self, logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        """Images: bilinear upsampling of (B, C, h, w) to the input's (H, W). Point clouds: the logits
+        already have one column per input point and are returned as they are."""
+        if self.spatial_dims == 1:
+            return logits
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
     def forward(
         self, x: torch.Tensor, ret_intermediate: bool = False, only_bg: bool = False
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """(B, 3, H, W) -> (sem_logits (B, C_new, H, W), features).
+        """(B, 3, H, W) images -> (sem_logits (B, C_new, H, W), features); for point clouds (B, C_in, N)
+        points -> (sem_logits (B, C_new, N), features).
 
         ``features`` is ``{}``, or with ``ret_intermediate``: ``body`` (B, C_body, h, w), ``pre_logits``
         (B, 256, h, w), ``attentions`` (4 backbone pre-activations + ``pre_logits``) and ``sem_logits_small``
         (B, C_new, h, w). ``only_bg`` returns the upsampled raw output of ``cls[0]`` (the background modes).
+
+        Point clouds: ``body`` (B, 448, N) DGCNN features, ``pre_logits`` (B, 128, N), ``attentions`` (the
+        three EdgeConv outputs, the DGCNN MLP output and ``pre_logits``) and ``sem_logits_small``, which is
+        ``sem_logits`` itself (per-point logits have no smaller resolution).
         """
-        size = x.shape[-2:]
+        size = x.shape[2:]
         x_b, attentions = self.body(x)
         x_pl = self.head(x_b)
         if only_bg:
-            return F.interpolate(self.cls[0](x_pl), size=size, mode="bilinear", align_corners=False), {}
+            return self._to_input_size(self.cls[0](x_pl), size), {}
         x_o = self._classify(x_pl)
-        sem_logits = F.interpolate(x_o, size=size, mode="bilinear", align_corners=False)
+        sem_logits = self._to_input_size(x_o, size)
         if not ret_intermediate:
             return sem_logits, {}
         return sem_logits, {
@@ -324,7 +389,7 @@ class IncrementalSegmentationModule(nn.Module):
         for batch in train_loader:
             # uint8 images from the presets are normalised on the device (float batches pass through).
             images, labels = normalize_on_device(batch[0], device), batch[1].to(device)
-            winner = self(images, only_bg=True)[0].argmax(dim=1)  # (B, H, W)
+            winner = self(images, only_bg=True)[0].argmax(dim=1)  # (B, H, W) or (B, N)
             # The reference counts 0 < label < 255, i.e. only new classes under the default masking.
             mask = (labels >= first_new) & (labels < first_new + num_new)
             index = winner[mask] * num_new + (labels[mask] - first_new)
@@ -368,7 +433,8 @@ class IncrementalSegmentationModule(nn.Module):
                 bias = bg_cls.bias[mode] - bias_diff
             else:
                 weighting = F.softmax(winners[:, c].float(), dim=0).to(bg_cls.weight.dtype)
-                weight = (weighting[:, None, None, None] * bg_cls.weight).sum(dim=0)
+                mode_weights = weighting.view(-1, *[1] * (bg_cls.weight.dim() - 1))  # (M, 1, 1[, 1])
+                weight = (mode_weights * bg_cls.weight).sum(dim=0)
                 bias = (weighting * bg_cls.bias).sum(dim=0)
             new_cls.weight[c] = weight
             new_cls.bias[c] = bias
@@ -386,7 +452,8 @@ class IncrementalSegmentationModule(nn.Module):
                 "--nb_background_modes or the max/softmax variant."
             )
         old = self.cls[0]
-        new = nn.Conv2d(old.in_channels, len(keep), 1).to(device=old.weight.device, dtype=old.weight.dtype)
+        conv = _CONVS[self.spatial_dims]
+        new = conv(old.in_channels, len(keep), 1).to(device=old.weight.device, dtype=old.weight.dtype)
         new.weight.copy_(old.weight[keep])
         new.bias.copy_(old.bias[keep])
         self.cls[0] = new
@@ -395,10 +462,10 @@ class IncrementalSegmentationModule(nn.Module):
         self.tot_classes = sum(self.classes)
 
     @staticmethod
-    def _mean_row_norm(convs: Iterable[nn.Conv2d], only: str = "all") -> torch.Tensor:
+    def _mean_row_norm(convs: Iterable[nn.Module], only: str = "all") -> torch.Tensor:
         total, count = 0.0, 0
         for i, conv in enumerate(convs):
-            rows = conv.weight[..., 0, 0]  # (n_i, 256)
+            rows = conv.weight.flatten(1)  # (n_i, head_channels): the 1x1 kernels of Conv2d or Conv1d
             if i == 0 and only == "old":
                 rows = rows[1:]
             elif i == 0 and only == "background":

@@ -141,8 +141,11 @@ class Trainer:
         The presets deliver uint8 images; they cross to the device as uint8 (4x less traffic than float32)
         and are normalised there, bitwise as the reference's worker-side ToTensor + Normalize
         (:func:`dataset.transform.normalize_on_device`). Float batches from hand-built pipelines pass.
+        Point clouds, float32 (B, 9, N) points and (B, N) labels, pass the same way (channels-last is a
+        layout of 4-D tensors only).
         """
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        channels_last = self.channels_last and images.dim() == 4
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
         images = normalize_on_device(images, self.device, memory_format=memory_format)
         # Labels travel as uint8 (4x less host-device traffic) and become long on the device.
         labels = labels.to(self.device, non_blocking=True).long()

@@ -43,12 +43,20 @@ class StreamSegMetrics:
         n_classes: number of classes of the metric (all classes seen so far, §7.1).
         device: where the confusion matrix lives. ``None`` = the device of the first batch passed to
             :meth:`update` (the model's device in evaluation), CPU for numpy input.
+        sample_ndim: axes of one sample's label map, 2 for images (H, W) and 1 for point clouds (N,); only
+            "Total samples" depends on it (a (B, N) batch of clouds is B samples, a (H, W) map one image).
+            For point clouds "pixels" are points: the matrix counts points.
     """
 
-    def __init__(self, n_classes: int, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, n_classes: int, device: torch.device | str | None = None, sample_ndim: int = 2
+    ) -> None:
         if n_classes <= 0:
             raise ValueError(f"n_classes must be positive, got {n_classes}")
+        if sample_ndim not in (1, 2):
+            raise ValueError(f"sample_ndim must be 1 (point clouds) or 2 (images), got {sample_ndim}")
         self.n_classes = int(n_classes)
+        self.sample_ndim = int(sample_ndim)
         self.device: torch.device | None = torch.device(device) if device is not None else None
         # (n*n + 2,) int64 counts: the flattened matrix Hist[gt, pred] at gt*n + pred, then one bin for
         # pixels whose ground truth is ignored (IGNORED) and one for out-of-range predictions (BAD_PRED).
@@ -99,7 +107,8 @@ class StreamSegMetrics:
 
         Args:
             label_trues: ground truth, (B, H, W) integer tensor or array (uint8 or long; 255 = ignore).
-                A single (H, W) map counts as one image.
+                A single (H, W) map counts as one image. Point clouds (``sample_ndim=1``): (B, N), or (N,)
+                for one cloud.
             label_preds: predicted class indices of the same shape, in ``[0, n_classes)``.
         """
         if self._synched:
@@ -130,7 +139,7 @@ class StreamSegMetrics:
         index.masked_fill_(bad_pred, self._ignored_bin + 1)
         # Fixed-size scatter of a broadcast 1 (no (B*H*W,) ones tensor); unlike bincount no host read.
         counts.scatter_add_(0, index, index.new_ones(()).expand_as(index))
-        self.total_samples += _num_images(label_trues)
+        self.total_samples += _num_samples(label_trues, self.sample_ndim)
 
     def synch(self, device: torch.device | str | None = None) -> None:
         """Sum the confusion matrix and the sample count over all ranks, once.
@@ -210,12 +219,13 @@ class StreamSegMetrics:
         return "\n".join(lines) + "\n"
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(n_classes={self.n_classes}, device={self.device})"
+        extra = ", sample_ndim=1" if self.sample_ndim == 1 else ""
+        return f"{type(self).__name__}(n_classes={self.n_classes}, device={self.device}{extra})"
 
 
-def _num_images(labels: ArrayLike) -> int:
-    # (B, H, W) -> B images; a lone (H, W) map is one image.
-    return int(labels.shape[0]) if labels.ndim >= 3 else 1
+def _num_samples(labels: ArrayLike, sample_ndim: int = 2) -> int:
+    # (B, H, W) -> B images; a lone (H, W) map is one image. Point clouds: (B, N) -> B, (N,) -> 1.
+    return int(labels.shape[0]) if labels.ndim > sample_ndim else 1
 
 
 def confusion_matrix_to_fig(matrix: np.ndarray | torch.Tensor) -> Figure:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from modules.residual import NormAct
 from utils.errors import OptionsError
 
+from .dgcnn import DEFAULT_K, DEFAULT_KNN_CHUNK, DGCNN, POINT_CHANNELS
 from .resnet import (
     BACKBONES,
     DILATIONS,
@@ -30,8 +31,16 @@ def build_backbone(name: str, norm_act: NormAct, output_stride: int = 16) -> Res
     return BACKBONES[name](norm_act=norm_act, output_stride=output_stride)
 
 
+#: Backbones of the point-cloud model (``--backbone``); built by ``segmentation_module.make_model``.
+POINT_BACKBONES = ("dgcnn",)
+
 __all__ = [
     "BACKBONES",
+    "DEFAULT_K",
+    "DEFAULT_KNN_CHUNK",
+    "DGCNN",
+    "POINT_BACKBONES",
+    "POINT_CHANNELS",
     "DILATIONS",
     "RESNET_STRUCTURES",
     "ResNet",

@@ -1,6 +1,7 @@
-"""Building blocks: activated batch norm, residual blocks, the DeepLabV3 head."""
+"""Building blocks: activated batch norm, residual blocks, the DeepLabV3 head, DGCNN's point layers."""
 
 from .deeplab import ASPP_RATES, DeeplabV3
+from .edgeconv import EdgeConv, PointSegHead, edge_features, knn
 from .misc import (
     ABN,
     ACTIVATIONS,
@@ -20,12 +21,16 @@ __all__ = [
     "ASPP_RATES",
     "BatchNormAct2d",
     "DeeplabV3",
+    "EdgeConv",
     "InPlaceABN",
     "InPlaceABNSync",
+    "PointSegHead",
     "ResidualBlock",
     "abs_plus_eps",
     "apply_activation",
+    "edge_features",
     "identity_norm",
     "import_inplace_abn",
     "is_norm_layer",
+    "knn",
 ]

@@ -599,7 +599,15 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     Used for ``--norm_act std`` (the reference crashed there, Q12, because BatchNorm2d had no
     ``activation``). Its state-dict keys are BatchNorm2d's, which are also ABN's.
+
+    Like the ABN layers it normalises any (N, C, *) input over every axis but C: image maps (N, C, H, W)
+    and point features (N, C, P) of the point-cloud models alike (``nn.BatchNorm2d`` itself refuses
+    anything but 4-D input; the arithmetic of ``F.batch_norm`` is the same for every rank).
     """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 3:
+            raise ValueError(f"expected an (N, C, *) input with a spatial axis, got {input.dim()}D input")
 
     def __init__(
         self,

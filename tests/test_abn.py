@@ -341,10 +341,12 @@ def _sync_worker(rank: int, world: int, init_file: str, data: dict, out_dir: str
         cleanup(synchronize=finished)
 
 
-def test_sync_abn_two_process_gloo_equals_single_process_global_batch(tmp_path):
+@pytest.mark.parametrize("shape", [(4, 3, 4, 4), (4, 3, 16)], ids=["image", "points"])
+def test_sync_abn_two_process_gloo_equals_single_process_global_batch(tmp_path, shape):
+    # (B, C, H, W) feature maps and (B, C, N) point features: the same 64 values per channel.
     data = {
-        "x": torch.randn(4, 3, 4, 4) * 3 + 2,
-        "g": torch.randn(4, 3, 4, 4),
+        "x": torch.randn(*shape) * 3 + 2,
+        "g": torch.randn(*shape),
         "weight": torch.tensor([0.5, -1.5, 0.0]),
         "bias": torch.tensor([0.2, 0.0, -0.3]),
     }

@@ -134,3 +134,21 @@ def test_bench_memory_smoke(tmp_path: Path) -> None:
         # The output-only scheme drops the inputs of the leaky-activated in-place ABN layers.
         assert recompute["saved_bytes"] < ours["saved_bytes"] * 0.99
         assert ours["param_bytes"] == recompute["param_bytes"] > 0
+
+
+def test_bench_pointcloud_smoke(tmp_path: Path) -> None:
+    stdout, payload = run_smoke("bench_pointcloud.py", tmp_path)
+    for header in ("points/s", "ms/iter", "CPU ms/iter", "peak MiB", "kNN MiB chunked", "kNN MiB unchunked"):
+        assert header in stdout
+    assert payload["benchmark"] == "pointcloud"
+    assert {"date", "machine", "config", "results"} <= payload.keys()
+    assert payload["config"]["device"] == "cpu" and payload["config"]["points"] == [128, 256]
+    rows = {(r["points"], r["step"]): r for r in payload["results"]}
+    assert set(rows) == {(p, s) for p in (128, 256) for s in (1, 0)}
+    for (_, step), r in rows.items():
+        assert "error" not in r, r
+        assert r["points_per_s"] > 0 and r["ms_per_iter"] > 0 and r["peak_mib"] > 0
+        # Step 1 distils per point with LGKD from the old model; step 0 is CE only.
+        assert r["terms"] == (["ce", "kd"] if step == 1 else ["ce"]) and r["uses_old_model"] == (step == 1)
+        # The smoke chunk (200 query points) is smaller than a batch of two clouds: the graph is chunked.
+        assert r["knn_rows_mib"] < r["knn_unchunked_mib"]

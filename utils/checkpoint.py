@@ -41,6 +41,7 @@ _STRUCTURE_NAMES = {
 }
 _BLOCK_KEY = re.compile(r"(?:^|\.)mod([2-5])\.block(\d+)\.")
 _CLS_KEY = re.compile(r"^cls\.(\d+)\.weight$")
+_DGCNN_KEY = re.compile(r"(?:^|\.)edge_convs\.\d+\.conv0\.")
 
 
 def _numpy_safe_globals() -> list[Any]:
@@ -182,7 +183,10 @@ def classifier_sizes(state: Mapping[str, Any]) -> list[int]:
 
 
 def guess_backbone(state: Mapping[str, Any]) -> str | None:
-    """Name of the ResNet whose body keys ``state`` holds (any key prefix), or None if non-standard."""
+    """Name of the backbone whose body keys ``state`` holds (any key prefix), or None if non-standard:
+    a ResNet by its block structure, or ``dgcnn`` (the point-cloud body) by its EdgeConv blocks."""
+    if any(_DGCNN_KEY.search(key) for key in state):
+        return "dgcnn"
     blocks = dict.fromkeys(range(2, 6), 0)
     bottleneck = False
     for key in state:

@@ -5,7 +5,9 @@ code written against it keeps working. Every loss computes in fp32 whatever the 
 come from an fp16/bf16 autocast region), and float64 inputs stay float64 so that ``gradcheck`` works.
 
 Shapes: ``B`` batch, ``C_new`` classes of the current model, ``C_old`` classes of the previous-step model,
-``H×W`` the spatial size of the logits passed in (full resolution or the small pre-upsampling map).
+``H×W`` the spatial size of the logits passed in (full resolution or the small pre-upsampling map). Every
+loss takes any number of spatial axes: point-cloud logits (B, C, N) with labels (B, N) give the same
+per-point values as the same numbers laid out as an image (B, C, N, 1) with labels (B, N, 1).
 
 Where the reference returns NaN (a "mean" over an empty pixel set, e.g. an all-ignored batch) these losses
 return a zero that stays connected to the graph, so that ``backward()`` and DDP keep working.
@@ -54,7 +56,7 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
 
 
 def _one_hot_ignore(targets: Tensor, num_classes: int, ignore_index: int, dtype: torch.dtype) -> Tensor:
-    """One-hot (B, C, H, W) targets; ignored pixels get an all-zero vector.
+    """One-hot (B, C, *) targets of (B, *) labels; ignored pixels get an all-zero vector.
 
     Written with ``scatter_`` instead of ``F.one_hot``, which on the CPU reads the labels' minimum and
     maximum back to the host on every call (two synchronisations per training iteration of LWF-MC/BCE);
@@ -62,8 +64,8 @@ def _one_hot_ignore(targets: Tensor, num_classes: int, ignore_index: int, dtype:
     """
     # The ignored label is sent to an extra channel C that is then dropped: (B, H, W) -> (B, C+1, H, W).
     labels = torch.where(targets != ignore_index, targets, num_classes).long()
-    batch, height, width = labels.shape
-    one_hot = torch.zeros((batch, num_classes + 1, height, width), dtype=dtype, device=labels.device)
+    batch, *spatial = labels.shape
+    one_hot = torch.zeros((batch, num_classes + 1, *spatial), dtype=dtype, device=labels.device)
     one_hot.scatter_(1, labels.unsqueeze(1), 1.0)
     return one_hot[:, :num_classes]
 
@@ -233,10 +235,11 @@ class LabelGuidedKnowledgeDistillationLoss(nn.Module):
 
     def forward(self, inputs: Tensor, targets: Tensor, labels: Tensor) -> Tensor:
         """Args: inputs (B, C_new, H, W) new logits; targets (B, C_old, H, W) old logits; labels
-        (B, H, W) or (B, 1, H, W) ground truth at the logits' resolution (any integer or float dtype)."""
+        (B, H, W) or (B, 1, H, W) ground truth at the logits' resolution (any integer or float dtype).
+        Point clouds: (B, C, N) logits and (B, N) or (B, 1, N) labels."""
         inputs, targets = _fp32(inputs), _fp32(targets)
-        if labels.dim() == 4:
-            labels = labels[:, 0]
+        if labels.dim() == inputs.dim():
+            labels = labels[:, 0]  # (B, 1, *) -> (B, *)
         labels = labels.long()  # (B, H, W)
         old_cl, new_cl = targets.shape[1], inputs.shape[1]
 
@@ -245,7 +248,8 @@ class LabelGuidedKnowledgeDistillationLoss(nn.Module):
 
         log_probs = torch.log_softmax(inputs, dim=1)  # (B, C_new, H, W)
         old_probs = torch.softmax(targets * self.alpha, dim=1)
-        old_probs = F.pad(old_probs, (0, 0, 0, 0, 0, new_cl - old_cl))  # zero-padded to C_new channels
+        # Zero-padded to C_new channels (F.pad lists the last axis first: the spatial ones are not padded).
+        old_probs = F.pad(old_probs, (0, 0) * (inputs.dim() - 2) + (0, new_cl - old_cl))
         # Novel pixels: q̃_g = q_0 then q̃_0 = 0. Other pixels scatter q_0 onto channel 0 (a no-op).
         target_channel = torch.where(novel, labels, torch.zeros_like(labels))[:, None]  # (B, 1, H, W)
         guided = old_probs.scatter(1, target_channel, old_probs[:, :1])

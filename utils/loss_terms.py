@@ -157,6 +157,9 @@ class StepInfo:
 class StepBatch:
     """Everything a loss term may read for one batch.
 
+    Shapes are written for images; for point clouds every (H, W) is (N,): images (B, 9, N) points, labels
+    (B, N), outputs (B, C_new, N), and the features of the point-cloud model.
+
     Attributes:
         images: (B, 3, H, W) input images.
         labels: (B, H, W) long labels *after* pseudo-labelling (``pseudo.labels``; the ground truth when
@@ -357,21 +360,28 @@ class ClassificationTerm(LossTerm):
 # --- output distillation --------------------------------------------------------------------------------
 
 
-def downsample_labels(labels: Tensor, output_stride: int, size: tuple[int, int] | torch.Size) -> Tensor:
+def downsample_labels(labels: Tensor, output_stride: int, size: tuple[int, ...] | torch.Size) -> Tensor:
     """Labels at the small-logit resolution for LGKD: nearest ``F.interpolate(scale_factor=1/output_stride)``.
 
     At output stride 16 this picks ``label[16i, 16j]`` (spec §8.6). The reference always used 1/16, which
     broke output stride 8 (Q13); here the stride is the model's. When the input size is not a multiple of
     the stride, the labels are resized to the logits' ``size`` instead (the reference crashed).
 
+    Labels that already have the logits' size are returned as they are, whatever ``output_stride``: this is
+    the point-cloud case, where the model gives one logit vector per point (``sem_logits_small`` is the
+    full (B, C, N) output) and every point keeps its own label; an image model's small logits are always
+    smaller than its labels.
+
     Args:
-        labels: (B, H, W) labels.
+        labels: (B, H, W) labels, or (B, N) point labels.
         output_stride: the backbone output stride (8 or 16).
-        size: (h, w) of the small logits.
+        size: (h, w) of the small logits, or (N,).
 
     Returns:
-        (B, h, w) long labels.
+        (B, h, w) long labels ((B, N) for point clouds).
     """
+    if tuple(labels.shape[1:]) == tuple(size):
+        return labels.long()
     as_float = labels[:, None].float()  # (B, 1, H, W); 255 is exact in float
     small = F.interpolate(as_float, scale_factor=1.0 / output_stride, mode="nearest")
     if tuple(small.shape[-2:]) != tuple(size):
@@ -386,6 +396,10 @@ class OutputKDTerm(LossTerm):
     the small pre-upsampling logits ``features["sem_logits_small"]`` with the original labels downsampled
     by the output stride; the others on the full-resolution logits. Validation: the unweighted loss, LGKD on
     the full-resolution logits and labels (§8.11, style.md 4.12).
+
+    Point clouds: the per-point logits are the model's only resolution (``sem_logits_small`` is the output
+    itself), so LGKD distils every point with its own label (:func:`downsample_labels` leaves labels of the
+    logits' size unchanged): no 1/16 sub-sampling, and training and validation compute the same loss.
 
     Args:
         loss: the distillation loss module.
@@ -437,8 +451,8 @@ class OutputKDTerm(LossTerm):
     def forward(self, batch: StepBatch) -> Tensor:
         if self.label_guided:
             features_old = _require(batch.features_old, "features_old", self.name)
-            logits = batch.features["sem_logits_small"]  # (B, C_new, h, w)
-            labels = downsample_labels(batch.original_labels, self.output_stride, logits.shape[-2:])
+            logits = batch.features["sem_logits_small"]  # (B, C_new, h, w), or (B, C_new, N) per point
+            labels = downsample_labels(batch.original_labels, self.output_stride, logits.shape[2:])
             loss = self.loss(logits, features_old["sem_logits_small"], labels)
         else:
             loss = self.loss(batch.outputs, _require(batch.outputs_old, "outputs_old", self.name))
@@ -606,10 +620,11 @@ class EntropyMinTerm(LossTerm):
     name = "entmin"
 
     def forward(self, batch: StepBatch) -> Tensor:
-        labelled = batch.labels > 0  # (B, H, W)
+        labelled = batch.labels > 0  # (B, H, W) or (B, N)
         entropies = entropy(torch.softmax(_fp32(batch.outputs), dim=1)).masked_fill(labelled, 0.0)
-        pixel_amount = (~labelled).sum(dim=(1, 2)).clamp(min=1).to(entropies.dtype)
-        return (entropies.sum(dim=(1, 2)) / pixel_amount).mean()
+        spatial = tuple(range(1, labelled.dim()))  # every axis but the batch
+        pixel_amount = (~labelled).sum(dim=spatial).clamp(min=1).to(entropies.dtype)
+        return (entropies.sum(dim=spatial) / pixel_amount).mean()
 
 
 # --- builders -------------------------------------------------------------------------------------------

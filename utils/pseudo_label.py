@@ -5,6 +5,9 @@ data masking) receive the old model's prediction where it is confident (PLOP, Do
 Eq. 4), and the cross-entropy of each image is scaled by the fraction of confident background pixels
 (PLOP Eq. 5, ``--classif_adaptive_factor``). Confidence thresholds per class come from an approximate
 median computed once before training by :func:`find_median`.
+
+Shapes are written for images, (B, C, H, W) logits and (B, H, W) labels; point clouds pass (B, C, N) logits
+and (B, N) labels through the same code (the per-image factor is then (B, 1)).
 """
 
 from __future__ import annotations
@@ -145,7 +148,7 @@ class PseudoLabels:
         labels: (B, H, W) long, the labels after pseudo-labelling (a new tensor).
         mask_background: (B, H, W) bool, ``original label < C_old``.
         mask_valid: (B, H, W) bool, confident old predictions (entropy mode only, else None).
-        classif_adaptive_factor: (B, 1, 1) per-image CE factor (entropy mode with
+        classif_adaptive_factor: (B, 1, 1) per-image CE factor ((B, 1) per point cloud; entropy mode with
             ``--classif_adaptive_factor``), else 1.0.
         sample_weights: (B, H, W) float per-pixel CE weights ("confidence" mode), else None.
         pseudo_targets: (B, H, W) long, the old model's argmax ``ŷ`` (entropy mode, for ``--ce_on_pseudo``),
@@ -297,9 +300,10 @@ class PseudoLabeler:
 
         factor: Tensor | float = 1.0
         if self.classif_adaptive_factor:
-            num = confident.float().sum(dim=(1, 2))  # confident background pixels per image
-            den = mask_background.float().sum(dim=(1, 2))  # background pixels per image
-            factor = (num / (den + 1e-6))[:, None, None]  # (B, 1, 1)
+            spatial = tuple(range(1, labels.dim()))  # (1, 2) for images, (1,) for point clouds
+            num = confident.float().sum(dim=spatial)  # confident background pixels per image
+            den = mask_background.float().sum(dim=spatial)  # background pixels per image
+            factor = (num / (den + 1e-6)).view(-1, *[1] * len(spatial))  # (B, 1, 1), or (B, 1) per cloud
             if self.classif_adaptive_min_factor:
                 factor = factor.clamp(min=self.classif_adaptive_min_factor)
         return PseudoLabels(new_labels, mask_background, mask_valid, factor, pseudo_targets=pseudo)

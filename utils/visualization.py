@@ -177,3 +177,108 @@ def make_prediction_grid(
             left = col * (width + gap)
             grid[top : top + height, left : left + width] = column[row]
     return grid
+
+
+#: Colour of pixels no point falls on, and of points with the ignore label, in point-cloud renderings.
+EMPTY_COLOR = (255, 255, 255)
+IGNORED_POINT_COLOR = (160, 160, 160)
+
+
+def render_top_down(
+    xyz: ArrayLike,
+    colours: ArrayLike,
+    size: int = 128,
+    radius: int = 1,
+    background: Sequence[int] = EMPTY_COLOR,
+) -> np.ndarray:
+    """Top-down (orthographic, along -z) view of a point cloud: each point a square of ``2 * radius + 1``
+    pixels; where points overlap, the highest one is seen, as from above.
+
+    x and y share one scale (the cloud keeps its aspect ratio), fitted to the ``size`` x ``size`` canvas; x
+    runs left to right and y bottom to top.
+
+    Args:
+        xyz: (3, N) coordinates (more rows are ignored, so a (9, N) point tensor can be passed as it is).
+        colours: (N, 3) uint8 colour of every point.
+        size: side of the square image in pixels.
+        radius: half-size of the square drawn for each point (0: one pixel).
+        background: colour where no point falls.
+
+    Returns:
+        (size, size, 3) uint8 image.
+    """
+    xyz = _to_numpy(xyz).astype(np.float64)
+    colours = np.asarray(_to_numpy(colours), dtype=np.uint8)
+    if xyz.ndim != 2 or xyz.shape[0] < 3:
+        raise ValueError(f"expected (3+, N) point coordinates, got shape {xyz.shape}")
+    if colours.shape != (xyz.shape[1], 3):
+        raise ValueError(f"expected ({xyz.shape[1]}, 3) colours, got shape {colours.shape}")
+    image = np.empty((size, size, 3), dtype=np.uint8)
+    image[:] = np.asarray(background, dtype=np.uint8)
+    if xyz.shape[1] == 0:
+        return image
+    low = xyz[:2].min(axis=1, keepdims=True)  # (2, 1)
+    extent = float((xyz[:2].max(axis=1, keepdims=True) - low).max()) or 1.0
+    inner = size - 1 - 2 * radius
+    cols, rows = np.rint((xyz[:2] - low) / extent * max(inner, 0)).astype(np.int64) + radius  # (N,) each
+    rows = size - 1 - rows  # y grows upwards
+    # z-buffer: every pixel keeps the highest point's rank (rank = position in the order of heights).
+    rank = np.empty(xyz.shape[1], dtype=np.int64)
+    rank[np.argsort(xyz[2], kind="stable")] = np.arange(xyz.shape[1])
+    top = np.full((size, size), -1, dtype=np.int64)
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            r, c = np.clip(rows + dy, 0, size - 1), np.clip(cols + dx, 0, size - 1)
+            np.maximum.at(top, (r, c), rank)
+    covered = top >= 0
+    by_rank = np.empty_like(colours)
+    by_rank[rank] = colours
+    image[covered] = by_rank[top[covered]]
+    return image
+
+
+def make_pointcloud_grid(
+    points: ArrayLike,
+    gts: ArrayLike,
+    preds_by_name: Mapping[str, ArrayLike],
+    cmap: np.ndarray,
+    size: int = 128,
+    gap: int = 2,
+    radius: int = 1,
+) -> np.ndarray:
+    """The point-cloud counterpart of :func:`make_prediction_grid`: one row per cloud, top-down views of its
+    colours, its ground truth, then each prediction in ``preds_by_name`` order (:func:`render_top_down`).
+
+    Args:
+        points: (B, C, N) points whose channels 0-2 are xyz and 3-5 rgb in [0, 1] (the 9-attribute clouds of
+            the point-cloud datasets).
+        gts: (B, N) ground-truth labels (255 = ignore, drawn grey).
+        preds_by_name: name -> (B, N) predicted labels.
+        cmap: palette for the labels.
+        size: side of each tile in pixels.
+        gap: white pixels between tiles.
+        radius: half-size of the square drawn for each point.
+
+    Returns:
+        (B*size + (B-1)*gap, K*size + (K-1)*gap, 3) uint8 array, K = 2 + len(preds_by_name).
+    """
+    points = _to_numpy(points)
+    if points.ndim != 3 or points.shape[1] < 6:
+        raise ValueError(f"expected (B, 6+, N) points (xyz, rgb, ...), got shape {points.shape}")
+    batch, _, num_points = points.shape
+    label_maps = [_to_numpy(gts), *[_to_numpy(p) for p in preds_by_name.values()]]
+    for name, labels in zip(["gts", *preds_by_name], label_maps):
+        if labels.shape != (batch, num_points):
+            raise ValueError(f"{name} has shape {labels.shape}, expected {(batch, num_points)}")
+    rgb = np.clip(np.rint(points[:, 3:6].transpose(0, 2, 1) * 255), 0, 255).astype(np.uint8)  # (B, N, 3)
+    columns = [rgb] + [color_label(labels, cmap, ignore_color=IGNORED_POINT_COLOR) for labels in label_maps]
+    n_cols = len(columns)
+    grid = np.full((batch * size + (batch - 1) * gap, n_cols * size + (n_cols - 1) * gap, 3), 255, np.uint8)
+    for row in range(batch):
+        top = row * (size + gap)
+        for col, colours in enumerate(columns):
+            left = col * (size + gap)
+            grid[top : top + size, left : left + size] = render_top_down(
+                points[row], colours[row], size, radius
+            )
+    return grid
