@@ -1187,7 +1187,7 @@ def _render_job(report: dict[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -1221,7 +1221,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--keep_work", action="store_true", help="keep --out/work (synthetic data, checkpoints, run logs)"
     )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = get_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.only:
         args.only = sorted(set(args.only) | {"env"})

@@ -2,12 +2,15 @@
 
 Marked ``gpu``: ``make test`` deselects them, and without CUDA they are skipped. ``GPU_CHECK_DEVICE=cpu``
 (set by ``gpu_check.py --smoke`` on a machine without a GPU) runs them on the CPU instead, so that their
-code runs in CI before it first meets a GPU; the comparisons are then CPU against CPU.
+code runs in CI before it first meets a GPU; the comparisons are then CPU against CPU, and the slowest
+cases run for a subset of the methods (:data:`CPU_METHODS`).
 
 * one training iteration of every method, fp32 and fp16 / bf16 autocast, gives finite losses and weights;
 * fp32 on the device against the CPU, same weights and batch: every loss term within
   :data:`LOSS_RTOL`, and the SGD update within :data:`UPDATE_RTOL` (TF32 off for the comparison);
-* the fused SGD of loss-scaled runs skips an overflowing step on the device (``tests/test_host_sync.py``);
+* the fused SGD of loss-scaled runs skips an overflowing step on the device (``tests/test_host_sync.py``),
+  also when it is the very first step (a known failure: expected to fail until ``run.build_optimizer``
+  initialises the momentum buffers);
 * ``StreamSegMetrics`` on the device counts exactly what it counts on the CPU;
 * ``--abn_impl inplace_abn`` (when the compiled package is installed) gives the default layer's outputs.
 
@@ -43,6 +46,10 @@ common = load_script_module("benchmarks/common.py", "bench_common")
 
 DEVICE_ENV = "GPU_CHECK_DEVICE"  # benchmarks/gpu_check.py sets it
 PRECISIONS = ("fp32", "fp16", "bf16")
+# Standing in on the CPU (CI), these methods cover every kind of loss term (CE, KD, iCaRL BCE, POD +
+# pseudo-labels + LGKD, a parameter regulariser); the other methods are skipped there by the tests that
+# are slow on the CPU (fp16 autocast, ~8x slower than fp32) or that would compare the CPU with itself.
+CPU_METHODS = ("FT", "LWF-MC", "PI", "LGKD")
 # fp32 device against CPU. Both sum in another order (cuDNN algorithms, channels_last), ~1e-6 relative per
 # layer; training-mode batch norm over few values amplifies that (measured on the CPU between
 # channels_last and contiguous: ~4e-5 on the logits, tests/test_precision.py). Losses are means over
@@ -140,6 +147,8 @@ def _step1(
 def test_one_iteration_of_every_method_is_finite(
     method: str, precision: str, device: torch.device, sizes: dict, cpu_models: tuple, record_property
 ) -> None:
+    if device.type == "cpu" and precision == "fp16" and method not in CPU_METHODS:
+        pytest.skip(f"standing in on the CPU, where fp16 autocast is slow: {CPU_METHODS} cover fp16")
     setup = _step1(method, precision, device, sizes, cpu_models)
     trainer, batches = setup["trainer"], setup["batches"]
     # Trainer.train checks the sum of the loss terms at the end of the loop (TrainingError if non-finite).
@@ -158,6 +167,8 @@ def test_fp32_losses_on_the_device_match_the_cpu(
 ) -> None:
     """Same weights, same batch, one fp32 iteration on the device and on the CPU: every loss term and the
     SGD update agree (what differs is only the order of floating-point sums)."""
+    if device.type == "cpu" and method not in CPU_METHODS:
+        pytest.skip(f"standing in on the CPU, which it would compare with itself: {CPU_METHODS} run the code")
     runs = []
     with ieee_fp32():
         for where in (torch.device("cpu"), device):

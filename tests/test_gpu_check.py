@@ -231,7 +231,7 @@ def test_smoke_mode_runs_the_whole_sequence_on_the_cpu(tmp_path: Path) -> None:
     assert statuses.pop("train_fp16") == "skipped"
     assert set(statuses.values()) == {"passed"}, statuses
     steps = {s["key"]: s["details"] for s in report["steps"]}
-    assert steps["tests"]["passed"] >= 30 and steps["tests"]["device"] == "cpu"
+    assert steps["tests"]["passed"] >= 25 and steps["tests"]["device"] == "cpu"
     assert steps["job0"]["rows"][0][0] == "0" and [r[0] for r in steps["job1"]["rows"]] == ["0", "1"]
     for key in ("job0", "job1", "multi_train"):
         assert steps[key]["img_s_with_loading"] > 0 and steps[key]["backend"] == "gloo"
