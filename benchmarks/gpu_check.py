@@ -84,7 +84,6 @@ IOU_TOLERANCE = 1e-3
 # (same step, precision, crop and batch, batches already in memory).
 FEED_RATIO_OK = 0.9
 MIN_STEP_SECONDS = 15.0  # a step is not started with less time than this left in the budget
-STATUSES = ("passed", "failed", "skipped", "not run")  # skipped: does not apply here; not run: fails
 PARTS = ("env", "tests", "job", "multi", "figures")
 PROGRESS_LINE = re.compile(r"Epoch (\d+): (\d+)/(\d+) \(100%\), ([0-9.]+) it/s")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -112,80 +111,30 @@ class Profile:
 
 
 FULL = Profile(
-    name="full",
-    budget_s=480.0,
-    backbone="resnet101",
-    crop=512,
-    batch=12,
-    epochs=3,
-    print_interval=5,
-    data_size=512,
+    name="full", budget_s=480.0, backbone="resnet101", crop=512, batch=12, epochs=3, print_interval=5,
     # ~95 % of the images show a step-0 class (15 of 20, 1-4 objects each) and ~half a step-1 class:
     # ~15 and ~8 iterations of 12 images per epoch.
-    num_train=192,
-    num_val=48,
+    data_size=512, num_train=192, num_val=48,
     bench_train_args=(
-        "--crop",
-        "512",
-        "--batch",
-        "12",
-        "--steps",
-        "1",
-        "0",
-        "--repeats",
-        "2",
-        "--warmup",
-        "5",
-        "--iters",
-        "20",
-        "--one_process",
-    ),  # fmt: skip
+        "--crop", "512", "--batch", "12", "--steps", "1", "0", "--repeats", "2", "--warmup", "5", "--iters",
+        "20", "--one_process",
+    ),
     bench_eval_args=("--crop", "512", "--batch", "12", "--iters", "20", "--repeats", "2"),
-    matmul_n=8192,
-    matmul_iters=50,
+    matmul_n=8192, matmul_iters=50,
     timeouts={
-        "env": 120,
-        "matmul": 90,
-        "tests": 300,
-        "data": 120,
-        "job0": 240,
-        "job1": 240,
-        "multi_train": 300,
-        "multi_test": 150,
-        "train_fp16": 240,
-        "train_bf16": 180,
-        "eval": 120,
-    },  # fmt: skip
-)
+        "env": 120, "matmul": 90, "tests": 300, "data": 120, "job0": 240, "job1": 240, "multi_train": 300,
+        "multi_test": 150, "train_fp16": 240, "train_bf16": 180, "eval": 120,
+    },
+)  # fmt: skip
 SMOKE = Profile(
-    name="smoke",
-    budget_s=900.0,
-    backbone="resnet18",
-    crop=48,
-    batch=4,
-    epochs=2,
-    print_interval=2,
-    data_size=64,
-    num_train=48,
-    num_val=12,
-    bench_train_args=("--smoke",),
-    bench_eval_args=("--smoke",),
-    matmul_n=256,
-    matmul_iters=5,
+    name="smoke", budget_s=900.0, backbone="resnet18", crop=48, batch=4, epochs=2, print_interval=2,
+    data_size=64, num_train=48, num_val=12, bench_train_args=("--smoke",), bench_eval_args=("--smoke",),
+    matmul_n=256, matmul_iters=5,
     timeouts={
-        "env": 120,
-        "matmul": 60,
-        "tests": 300,
-        "data": 60,
-        "job0": 240,
-        "job1": 240,
-        "multi_train": 240,
-        "multi_test": 180,
-        "train_fp16": 180,
-        "train_bf16": 180,
-        "eval": 120,
-    },  # fmt: skip
-)
+        "env": 120, "matmul": 60, "tests": 300, "data": 60, "job0": 240, "job1": 240, "multi_train": 240,
+        "multi_test": 180, "train_fp16": 180, "train_bf16": 180, "eval": 120,
+    },
+)  # fmt: skip
 
 
 class StepFailed(Exception):
@@ -237,6 +186,9 @@ def run_command(
         except subprocess.TimeoutExpired:
             timed_out = True
             _stop_group(proc)
+        except BaseException:  # Ctrl-C or SIGTERM of the check: its own session would keep running
+            _stop_group(proc)
+            raise
     seconds = time.monotonic() - start
     output = log_path.read_text(encoding="utf-8", errors="replace")
     if timed_out:
@@ -246,6 +198,7 @@ def run_command(
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the command's process group, then SIGKILL if it is still there."""
     for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(proc.pid, sig)
@@ -536,6 +489,9 @@ class GpuCheck:
             record["status"], record["reason"] = "not run", str(exc)
         except StepFailed as exc:
             record["status"], record["error"] = "failed", str(exc)
+        except KeyboardInterrupt:
+            record["reason"] = "the check was interrupted during this step"
+            raise
         except Exception as exc:  # noqa: BLE001 - a bug in a step must not stop the other steps
             record["status"] = "failed"
             record["error"] = f"{type(exc).__name__}: {exc}\n" + traceback.format_exc()[-2000:]
@@ -559,6 +515,7 @@ class GpuCheck:
     def write(self) -> None:
         """Rewrite both reports atomically (a killed check leaves the last complete version)."""
         self.report["elapsed_s"] = round(time.monotonic() - self.start, 1)
+        self.report["figures"] = collect_figures(self.report)
         self.out.mkdir(parents=True, exist_ok=True)
         for name, text in (
             (REPORT_JSON, json.dumps(self.report, indent=2, sort_keys=True, default=str) + "\n"),
@@ -570,8 +527,32 @@ class GpuCheck:
 
     # ------------------------------------------------------------------ steps
     def run(self) -> int:
+        """All steps; 0 when every step passed or did not apply, 1 otherwise, 130 when interrupted."""
         self.out.mkdir(parents=True, exist_ok=True)
         self.write()
+        try:
+            self.run_steps()
+        except KeyboardInterrupt:
+            self.report["status"] = "interrupted"
+            self.write()
+            print(f"[gpu_check] interrupted; partial report: {self.out / REPORT_MD}", flush=True)
+            return 130
+        failed = [s["key"] for s in self.report["steps"] if s["status"] in ("failed", "not run")]
+        self.report["status"] = "failed" if failed else "passed"
+        self.report["failed_steps"] = failed
+        self.report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        if not self.args.keep_work:
+            shutil.rmtree(self.work, ignore_errors=True)
+        self.write()
+        print(
+            f"[gpu_check] {self.report['status'].upper()} in {self.report['elapsed_s']:.0f} s; report: "
+            f"{self.out / REPORT_MD}" + (f"; failed: {', '.join(failed)}" if failed else ""),
+            flush=True,
+        )
+        return 1 if failed else 0
+
+    def run_steps(self) -> None:
+        """The steps in order: the real job before the figures, so a short budget keeps the essential."""
         self.run_step("env", "env", "1. environment", self.step_env)
         self.run_step("matmul", "figures", "3c. bf16 matmul rate", self.step_matmul)
         self.run_step("tests", "tests", "2. correctness tests (pytest -m gpu)", self.step_tests)
@@ -590,20 +571,6 @@ class GpuCheck:
                 lambda d, t, p=precision: self.step_bench_train(d, t, p),
             )
         self.run_step("eval", "figures", "3b. bench_eval", self.step_bench_eval)
-        self.report["figures"] = collect_figures(self.report)
-        failed = [s["key"] for s in self.report["steps"] if s["status"] in ("failed", "not run")]
-        self.report["status"] = "failed" if failed else "passed"
-        self.report["failed_steps"] = failed
-        self.report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        if not self.args.keep_work:
-            shutil.rmtree(self.work, ignore_errors=True)
-        self.write()
-        print(
-            f"[gpu_check] {self.report['status'].upper()} in {self.report['elapsed_s']:.0f} s; report: "
-            f"{self.out / REPORT_MD}" + (f"; failed: {', '.join(failed)}" if failed else ""),
-            flush=True,
-        )
-        return 1 if failed else 0
 
     def step_env(self, details: dict[str, Any], timeout: float) -> None:
         self.env = call_worker({"kind": "env"}, self.logs / "env.log", timeout)
@@ -1065,8 +1032,7 @@ def _render_figures(report: dict[str, Any]) -> list[str]:
         lines += [
             "## 3. Figures",
             "",
-            f"bf16 matmul rate measured on this device: "
-            f"{_cell(figures.get('matmul_bf16_tflop_s'))} TFLOP/s.",
+            f"bf16 matmul rate measured on this device: {_cell(figures.get('matmul_bf16_tflop_s'))} TFLOP/s.",
             "",
         ]
         rows = [
@@ -1237,7 +1203,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         common.emit_result(run_worker_job(json.loads(args.worker)))
         return 0
+    # SIGTERM (a scheduler's or a wrapper's timeout) ends the check like Ctrl-C: the running command's
+    # process group is stopped and the partial report is kept.
+    signal.signal(signal.SIGTERM, _interrupt)
     return GpuCheck(args, SMOKE if args.smoke else FULL).run()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -220,6 +220,42 @@ def test_full_check_without_a_gpu_fails_with_a_clear_message(tmp_path: Path) -> 
     assert "Traceback" not in proc.stderr
 
 
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return [pid for pid in pids if _alive(pid)]
+
+
+def test_sigterm_stops_the_running_step_and_keeps_a_partial_report(tmp_path: Path) -> None:
+    out = tmp_path / "interrupted"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    proc = subprocess.Popen(
+        [sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(out), "--device", "cpu",
+         "--only", "tests"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    junit = f"--junitxml={out / 'gpu_tests.xml'}"
+    deadline = time.monotonic() + 120
+    while not _processes_mentioning(junit):  # the pytest step has started
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.2)
+    proc.terminate()
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    report = json.loads((out / gpu_check.REPORT_JSON).read_text())
+    assert report["status"] == "interrupted"
+    assert report["steps"][-1]["key"] == "tests" and "interrupted" in report["steps"][-1]["reason"]
+    deadline = time.monotonic() + 30
+    while _processes_mentioning(junit) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes_mentioning(junit)  # the step's own session did not outlive the check
+
+
 @pytest.mark.slow
 def test_smoke_mode_runs_the_whole_sequence_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "smoke"
