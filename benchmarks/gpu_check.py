@@ -26,9 +26,10 @@ step is recorded and the next one still runs. The JSON and Markdown reports (``g
 report; the full output of every subprocess is in ``--out/logs/``. Exit status: 0 when every step passed
 (or did not apply to this machine, e.g. step 5 with one GPU), 1 otherwise.
 
-``--smoke`` runs the same sequence at toy sizes on whatever device is present, the CPU included (gloo
-instead of NCCL, two processes for step 5; fp32 where CPU autocast has no fast kernels; the ``gpu`` tests
-run on the CPU through ``GPU_CHECK_DEVICE=cpu``), so CI keeps every line of this file running.
+``--smoke`` runs the same sequence at toy sizes on whatever device is present, the CPU included: there
+gloo replaces NCCL (two processes for step 5), the job runs fp32 (``--opt_level O1`` needs CUDA), the
+figures are bf16 only (CPU fp16 autocast kernels are slow) and the ``gpu`` tests run on the CPU through
+``GPU_CHECK_DEVICE=cpu``. CI runs it, so the code of every step has run before it first meets a GPU.
 
 Examples::
 
