@@ -27,6 +27,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -194,6 +195,9 @@ def run_jobs(payload: dict[str, Any]) -> dict[str, Any]:
         keep_freed_memory()  # what run.py does on the CPU (a no-op for GPU memory)
     results = []
     for job in payload["jobs"]:
+        # The previous job's models and optimizer sit in reference cycles: free them now, or they would
+        # count in this job's peak memory (--one_process runs every configuration in this process).
+        gc.collect()
         try:
             if job["kind"] == "flops":
                 results.append(model_flops(job["backbone"], job["crop"], job["step"]))

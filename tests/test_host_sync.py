@@ -84,16 +84,25 @@ def _phase(record: HostReads, name: str, fn):
     return wrapped
 
 
-def _setup(method: str, *, scaled: bool) -> dict[str, Any]:
+CPU = torch.device("cpu")
+
+
+def _setup(method: str, *, scaled: bool, device: torch.device = CPU) -> dict[str, Any]:
+    """Step 1 of VOC 15-5 for ``method`` on ``device``. ``scaled``: fp16 loss scaling. On CUDA that is the
+    real ``--opt_level O1`` path (fp16 autocast, GradScaler, fused SGD); on the CPU, where the Trainer runs
+    fp32, an enabled GradScaler and the fused optimizer are set up by hand around the fp32 model."""
     torch.manual_seed(0)
-    cpu = torch.device("cpu")
-    opts = common.build_opts(step=1, backbone="resnet18", crop=CROP, batch=BATCH, device="cpu", method=method)
-    model, model_old = common.build_models(opts, 1, cpu, channels_last=False)
-    trainer = Trainer(model, model_old, cpu, opts, None, classes=common.step_classes(opts, 1), step=1)
+    cuda_fp16 = scaled and device.type == "cuda"
+    opts = common.build_opts(
+        step=1, backbone="resnet18", crop=CROP, batch=BATCH, device=device.type, method=method,
+        precision="fp16" if cuda_fp16 else "fp32",
+    )  # fmt: skip
+    model, model_old = common.build_models(opts, 1, device, channels_last=False)
+    trainer = Trainer(model, model_old, device, opts, None, classes=common.step_classes(opts, 1), step=1)
     labels_now, _ = common.seen_labels(opts, 1)
     batches = common.synthetic_batches(ITERS, BATCH, CROP, labels_now)
     trainer.before(batches[:1])  # PLOP/LGKD thresholds: a pass before training, allowed to read back
-    if scaled:
+    if scaled and not cuda_fp16:
         # fp16 loss scaling, as on CUDA: an enabled GradScaler and the optimizer run.py then builds.
         trainer.scaler = torch.amp.GradScaler("cpu", enabled=True)
     optim = build_optimizer(opts, model, fused=scaled or None)
@@ -124,9 +133,14 @@ def test_training_loop_reads_the_device_only_at_the_print_interval(method: str, 
 
 
 def test_loss_scaled_step_skips_non_finite_gradients_on_the_device() -> None:
+    check_overflowing_step_is_skipped(CPU)
+
+
+def check_overflowing_step_is_skipped(device: torch.device) -> None:
     """The fused step takes GradScaler's inf flag as a tensor: an overflowing iteration changes no
-    parameter and no momentum, without a host read, and the scale backs off as with the plain step."""
-    setup = _setup("LGKD", scaled=True)
+    parameter and no momentum, without a host read, and the scale backs off as with the plain step.
+    (Also run on CUDA by ``tests/test_gpu.py``.)"""
+    setup = _setup("LGKD", scaled=True, device=device)
     trainer, optim = setup["trainer"], setup["optim"]
     trainer.train(0, optim, setup["batches"][:1], print_int=100)
     params = [p for g in optim.param_groups for p in g["params"]]
@@ -137,7 +151,7 @@ def test_loss_scaled_step_skips_non_finite_gradients_on_the_device() -> None:
     images, labels = setup["batches"][1]
     record = HostReads()
     # A huge loss scale overflows fp32 gradients: the step must be skipped.
-    trainer.scaler.update(torch.tensor(3.0e38))
+    trainer.scaler.update(torch.tensor(3.0e38, device=device))  # the scaler takes a tensor of its device
     with record:
         trainer._train_step(images, labels, optim)
     assert not record.reads

@@ -6,7 +6,8 @@
   substituting environment variables) and passes ``validate_options``; its launcher part parses with
   torchrun's own parser; ``scripts/demo.py`` and ``data/make_synthetic.py`` lines parse with theirs;
 * every ``--flag`` in the README's code and in ``scripts/**/*.sh`` exists in one of the parsers of the
-  programs this repository runs (run.py, torchrun, data/make_synthetic.py, scripts/demo.py).
+  programs this repository runs (run.py, torchrun, data/make_synthetic.py, scripts/demo.py,
+  benchmarks/gpu_check.py).
 """
 
 from __future__ import annotations
@@ -119,10 +120,16 @@ def make_synthetic_flags() -> frozenset[str]:
     return frozenset(re.findall(r"(--[A-Za-z][\w-]*)", proc.stdout))
 
 
+@cache
+def gpu_check_module():
+    return load_script_module("benchmarks/gpu_check.py", "gpu_check_readme")
+
+
 def known_flags() -> set[str]:
     torchrun = {s for a in torchrun_parser()._actions for s in a.option_strings}
     demo = {s for a in demo_module().get_parser()._actions for s in a.option_strings}
-    return set(run_py_flags()) | torchrun | demo | set(make_synthetic_flags()) | EXTERNAL_FLAGS
+    gpu_check = {s for a in gpu_check_module().get_parser()._actions for s in a.option_strings}
+    return set(run_py_flags()) | torchrun | demo | gpu_check | set(make_synthetic_flags()) | EXTERNAL_FLAGS
 
 
 def flags_in(text: str) -> set[str]:

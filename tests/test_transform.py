@@ -322,6 +322,7 @@ def test_trainer_to_device_normalises_uint8_batches():
     assert y.dtype == torch.int64 and torch.equal(y, labels.long())
 
 
+@pytest.mark.gpu  # run by benchmarks/gpu_check.py
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_normalize_on_device_cuda_bitwise_equal_to_cpu_pipeline():
     # CUDA turns a division by a CPU scalar into a multiplication by its reciprocal (last-bit differences
