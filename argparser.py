@@ -11,14 +11,18 @@ reference therefore keep working. What changes is the shape:
 * ``--method`` presets are data (:data:`METHOD_PRESETS`), resolved by :func:`resolve_preset`;
 * :func:`modify_command_options` returns a new ``Namespace`` instead of mutating its input, with worker
   counts capped at the CPUs available;
+* a point-cloud ``--dataset`` (S3DIS, ScanNet) brings its own defaults (:data:`POINT_CLOUD_DEFAULTS`: DGCNN
+  and the 3DPC-CISS training settings) for the options the user did not set, told apart from explicit flags
+  by :meth:`OptionParser.explicit_dests`;
 * :func:`validate_options` refuses, before any work, values out of their declared range, sizes the model
-  cannot train on, and option combinations the reference crashes on;
+  cannot train on, options set where they do not apply (:data:`OPTION_SCOPES`: e.g. POD or crops on point
+  clouds) and option combinations the reference crashes on;
 * :func:`save_options` writes the resolved options next to the logs.
 
 Typical use (run.py)::
 
-    opts = modify_command_options(get_argparser().parse_args())
-    validate_options(opts)
+    opts, explicit = parse_command_line(argv)  # parse, record the explicit flags, modify_command_options
+    validate_options(opts, explicit)
 """
 
 from __future__ import annotations
