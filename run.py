@@ -40,7 +40,13 @@ from segmentation_module import make_model
 from train import Trainer, uses_grad_scaler
 from utils import distributed as dist_utils
 from utils.allocator import keep_freed_memory
-from utils.checkpoint import load_checkpoint, load_model_state, loading_entry, save_checkpoint
+from utils.checkpoint import (
+    check_same_layout,
+    load_checkpoint,
+    load_model_state,
+    loading_entry,
+    save_checkpoint,
+)
 from utils.errors import CheckpointError, DatasetError, OptionsError, OutputError, TrainingError, UserError
 from utils.files import describe_os_error
 from utils.interrupt import (
@@ -416,6 +422,7 @@ def resume(
     load_model_state(model, checkpoint["model_state"], strict=True, source=source)
     with loading_entry(source, "optimizer_state"):
         load_optimizer_state(optimizer, checkpoint["optimizer_state"])
+    check_same_layout(scheduler.state_dict(), checkpoint["scheduler_state"], source, "scheduler_state")
     with loading_entry(source, "scheduler_state"):
         scheduler.load_state_dict(checkpoint["scheduler_state"])
     if checkpoint.get("scaler_state"):

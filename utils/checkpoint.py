@@ -369,6 +369,42 @@ def check_entries(ckpt: Mapping[str, Any], required: Iterable[str], source: str,
     )
 
 
+def check_same_layout(expected: Mapping[str, Any], loaded: Any, source: str, entry: str) -> None:
+    """Check a saved sub-state against the state this run's object would save (same keys, compatible value
+    types), for objects whose ``load_state_dict`` accepts anything (learning-rate schedulers).
+
+    Raises:
+        CheckpointError: naming the file, the entry and the keys that differ.
+    """
+    if not isinstance(loaded, Mapping):
+        problems = [f"it is a {type(loaded).__name__}"]
+    else:
+        problems = [f"no {key!r}" for key in expected if key not in loaded]
+        problems += [
+            f"{key!r} is a {type(loaded[key]).__name__} (expected {type(value).__name__})"
+            for key, value in expected.items()
+            if key in loaded and not _compatible(value, loaded[key])
+        ]
+    if problems:
+        raise CheckpointError(
+            f"{source}: its '{entry}' entry does not fit this run ({'; '.join(problems[:5])}). The file was "
+            "written by other code or with other options (--lr_policy, ...). Run with the options it was "
+            "written with, or pass --no_resume to start the step over."
+        )
+
+
+def _compatible(expected: Any, value: Any) -> bool:
+    if isinstance(expected, bool) or isinstance(value, bool):
+        return isinstance(expected, bool) == isinstance(value, bool)
+    if isinstance(expected, int | float) and isinstance(value, int | float | np.integer | np.floating):
+        return True
+    if isinstance(expected, list | tuple):
+        return isinstance(value, list | tuple)
+    if isinstance(expected, Mapping):
+        return isinstance(value, Mapping)
+    return expected is None or value is None or isinstance(value, type(expected))
+
+
 @contextlib.contextmanager
 def loading_entry(source: str, entry: str) -> Iterator[None]:
     """Turn an error raised while loading one entry of a checkpoint into a :class:`CheckpointError`.

@@ -131,17 +131,13 @@ def check_name_lengths(opts: Any) -> None:
             length = len(component.encode()) + (extra if is_file else 0)
             if length <= name_max:
                 continue
-            if opts.name and opts.name in component:
-                culprit = "--name"
-            elif opts.date and opts.date in component:
-                culprit = "--date"
-            else:
-                culprit = "the --checkpoint, --logdir or --results_dir path"
+            parts = [f for f, v in (("--date", opts.date), ("--name", opts.name)) if v and v in component]
+            culprit = " and ".join(parts) or "the --checkpoint, --logdir or --results_dir path"
             raise OptionsError(
                 f"The output name {component!r} is {length} bytes long"
                 f"{' with its temporary-file prefix and suffix' if extra and is_file else ''}, more than the "
                 f"{name_max} bytes the file system allows (in {path.parent}). It is built from {culprit}: "
-                "use a shorter one."
+                "shorten it."
             )
         path_max = _limit(path.parent, "PC_PATH_MAX", 4096)
         if len(str(path.absolute()).encode()) + extra >= path_max:

@@ -52,7 +52,6 @@ FREE_OPTIONS: dict[str, str] = {
     "deterministic": "repeatable kernels of the same computation",
     "recompute_abn": "memory scheme of the same computation",
     "abn_impl": "implementation of the same batch-norm",
-    "batch_size": "compared as the global batch (--batch_size x processes), see below",
     # what this invocation does
     "test": "evaluation instead of training",
     "no_resume": "start-over switch",
@@ -100,7 +99,7 @@ def shaping_options(options: Mapping[str, Any], world_size: int | None) -> dict[
     """The compared entries: every option except :data:`FREE_OPTIONS`, plus the global batch (and the
     per-process batch with unsynchronised normalisation, or when the number of processes is unknown)."""
     compared = {dest: value for dest, value in options.items() if dest not in FREE_OPTIONS}
-    batch = options.get("batch_size")
+    batch = compared.pop("batch_size", None)
     if batch is not None and world_size is not None:
         compared[GLOBAL_BATCH] = (int(batch) * int(world_size), int(batch), int(world_size))
     if world_size is None or options.get("norm_act") not in SYNCHRONISED_NORMS:
