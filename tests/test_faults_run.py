@@ -1,9 +1,9 @@
 """Faults and reruns of one step, through the real entry point (``run.main``, what ``python run.py`` calls).
 
-Issue 11, sections 1, 3 and 5: a rerun never loses or redoes finished work, options that shape training are
-compared with those a checkpoint was written with, every checkpoint problem is a clear error found before the
-data scan, writes fail with the path and the real errno and keep the previous state, a second run of the
-same step is refused, and concurrent results writers never lose a row. Faults are real files on disk, real
+A rerun never loses or redoes finished work, options that shape training are compared with those a
+checkpoint was written with, every checkpoint problem is a clear error found before the data scan, writes
+fail with the path and the real errno and keep the previous state, a second run of the same step is
+refused, and concurrent results writers never lose a row. Faults are real files on disk, real
 locks held by another open file, and OSErrors with a real errno raised at the real write call. Real
 signals, a real full file system and real concurrent processes are in ``test_faults_run_slow.py``.
 """

@@ -1,5 +1,5 @@
 """Faults of real ``python run.py`` processes: real signals (one process and torchrun), a real full file
-system, a real second run of the same step. Issue 11, section 5. Slow: each case starts real processes."""
+system, a real second run of the same step. Slow: each case starts real processes."""
 
 from __future__ import annotations
 
