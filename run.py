@@ -55,7 +55,7 @@ from utils.interrupt import (
     StopRequested,
     install_stop_handlers,
     received_signal,
-    restore_default_handlers,
+    restore_handlers,
     stop_message,
 )
 from utils.logger import Logger
@@ -707,6 +707,9 @@ def run_step(opts: Any, progress: RunProgress | None = None) -> None:
     data set (whose first scan can take minutes), the models, the outputs and the training.
     """
     progress = progress or RunProgress()
+    progress.epochs = opts.epochs
+    if opts.test:
+        progress.phase = "evaluation"
     preflight(opts)
     with step_guard(opts):
         plan = inspect_checkpoints(opts, planned_world_size())
@@ -718,6 +721,7 @@ def run_step(opts: Any, progress: RunProgress | None = None) -> None:
                 **{**vars(opts), "test": True, "ckpt": str(step_checkpoint_path(opts, opts.step))}
             )
             plan = StepPlan(test_model=plan.final, test_path=Path(opts.ckpt), notes=plan.notes)
+            progress.phase = "evaluation"
         if plan.resume is not None:
             progress.saved_epoch, progress.resume_path = int(plan.resume["epoch"]), plan.resume_path
         execute_step(opts, plan, progress)
@@ -893,6 +897,7 @@ def train_step(
     trainer = Trainer(wrapped, model_old, device, opts, trainer_state, classes, opts.step)
     state, saved_rng = resume(opts, model, optimizer, scheduler, trainer, log, plan)
     state.provenance = make_provenance(opts, info.world_size, plan)
+    plan.resume = plan.previous = None  # loaded into the models: free the checkpoints' memory
     log.add_table("Opts", vars(opts))
     # Reference behaviour (§7.2 step 8): the reference draws (and prints) one torch random number here.
     log.debug(f"Random draw {torch.randint(0, 100, (1, 1)).item()}")
@@ -925,9 +930,8 @@ def main(argv: list[str] | None = None) -> int:
     SIGTERM)."""
     opts = modify_command_options(get_argparser().parse_args(argv))
     progress = RunProgress()
-    handle_signals = threading.current_thread() is threading.main_thread()
-    if handle_signals:
-        install_stop_handlers()
+    # Signal handlers can only be installed from the main thread (a caller may run main() elsewhere).
+    previous = install_stop_handlers() if threading.current_thread() is threading.main_thread() else None
     finished = False
     try:
         validate_options(opts)
@@ -951,8 +955,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         with contextlib.suppress(StopRequested):
             dist_utils.cleanup(synchronize=finished)
-        if handle_signals:
-            restore_default_handlers()
+        if previous is not None:
+            restore_handlers(previous)
     return 0
 
 

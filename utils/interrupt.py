@@ -67,20 +67,23 @@ def _handler(signum: int, frame: Any) -> None:
     raise StopRequested(signum)
 
 
-def install_stop_handlers() -> None:
-    """Raise :class:`StopRequested` on SIGINT/SIGTERM in this process (main thread only)."""
+def install_stop_handlers() -> dict[int, Any]:
+    """Raise :class:`StopRequested` on SIGINT/SIGTERM in this process (main thread only).
+
+    Returns:
+        The handlers it replaced, for :func:`restore_handlers`.
+    """
     global _owner_pid, _received
     _owner_pid, _received = os.getpid(), None
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _handler)
+    return {sig: signal.signal(sig, _handler) for sig in STOP_SIGNALS}
 
 
-def restore_default_handlers() -> None:
-    """Back to Python's defaults (KeyboardInterrupt for SIGINT, termination for SIGTERM)."""
+def restore_handlers(previous: dict[int, Any]) -> None:
+    """Put back the handlers that :func:`install_stop_handlers` replaced (a caller keeps its own)."""
     global _owner_pid
     _owner_pid = None
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def received_signal() -> int | None:
