@@ -683,8 +683,9 @@ def write_row(opts: Any, score: Mapping[str, Any]) -> None:
             results_path(opts), opts.step, format_results_row(opts.step, score, opts.num_classes)
         )
     except OutputError as err:
-        if opts.test:
-            raise OutputError(f"{err} Then rerun the same command.") from err
+        last = last_epoch_checkpoint_path(opts)
+        if opts.test or not last.is_file():
+            raise OutputError(f"{err} Then rerun the same command: it only writes the row.") from err
         raise OutputError(
             f"{err} The trained model is saved in {step_checkpoint_path(opts, opts.step)} and the resumable "
             f"state {last_epoch_checkpoint_path(opts)} is kept: once fixed, rerun the same command (it only "
@@ -894,7 +895,10 @@ def train_step(
             model, device_ids=[info.local_rank] if device.type == "cuda" else None
         )
     classes = tasks.get_per_task_classes(opts.dataset, opts.task, opts.step)
-    trainer = Trainer(wrapped, model_old, device, opts, trainer_state, classes, opts.step)
+    # The previous step's trainer_state (regulariser importances) is read while the Trainer is built.
+    source = str(previous_step_path(opts)) if opts.step > 0 else "the previous step's checkpoint"
+    with loading_entry(source, "trainer_state") if trainer_state is not None else contextlib.nullcontext():
+        trainer = Trainer(wrapped, model_old, device, opts, trainer_state, classes, opts.step)
     state, saved_rng = resume(opts, model, optimizer, scheduler, trainer, log, plan)
     state.provenance = make_provenance(opts, info.world_size, plan)
     plan.resume = plan.previous = None  # loaded into the models: free the checkpoints' memory

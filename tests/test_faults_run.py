@@ -586,3 +586,13 @@ def test_results_write_failure_is_an_output_error_with_errno(tmp_path, monkeypat
         write_results_row(path, 1, ["1", "2"])
     assert str(path) in str(info.value) and "previous content is intact" in str(info.value)
     assert path.read_text() == "0,1\n"
+
+
+def test_previous_step_trainer_state_that_does_not_fit_the_regulariser(done, capsys):
+    root, out = done
+    step0 = load_checkpoint(paths(out, 0)[0])
+    step0["trainer_state"] = {"regularizer": {"name": "ewc", "fisher": ["not", "a", "dict"]}}
+    broken = out / "step0_broken.pth"
+    torch.save(step0, broken)
+    args = argv(root, out, 1, **{"--step_ckpt": str(broken), "--name": "ewc"}) + ["--method", "EWC"]
+    main_error(args, capsys, str(broken), "'trainer_state' entry does not fit this run")
