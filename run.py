@@ -504,7 +504,7 @@ def on_main(fn: Callable[[], T]) -> T | None:
 def resume_hint(progress: RunProgress) -> str:
     if progress.saved_epoch is None:
         return "Then rerun the same command: training had not started."
-    return f"Then rerun the same command to resume from the end of epoch {progress.saved_epoch}."
+    return f"Then rerun the same command to resume from epoch {progress.saved_epoch + 1}."
 
 
 def fit(

@@ -112,8 +112,8 @@ def test_sigterm_and_ctrl_c_stop_with_one_line_and_the_run_resumes(voc_root, tmp
     assert len(lines) == 1 and "Traceback" not in err, err
     assert re.fullmatch(
         r"Stopped by SIGTERM in epoch 2/3 (at iteration \d+/\d+|during validation|while saving its "
-        r"checkpoint \(the previous one is intact\)); rerun the same command to resume from the end of "
-        rf"epoch 1/3, saved in {re.escape(str(last))}\.",
+        r"checkpoint \(the previous one is intact\)); rerun the same command to resume from epoch 2/3 "
+        rf"\(the state after 1 epoch is saved in {re.escape(str(last))}\)\.",
         lines[0],
     ), lines[0]
     assert saved_epoch(last) == 1 and no_temp_files(out)

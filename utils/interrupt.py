@@ -114,9 +114,10 @@ def stop_message(signum: int, progress: RunProgress) -> str:
     elif progress.saved_epoch is None:
         then = "rerun the same command to start the step again (nothing was saved yet)"
     else:
+        done = progress.saved_epoch
         then = (
-            f"rerun the same command to resume from the end of epoch {progress.saved_epoch}/"
-            f"{progress.epochs}, saved in {progress.resume_path}"
+            f"rerun the same command to resume from epoch {done + 1}/{progress.epochs} (the state after "
+            f"{done} epoch{'' if done == 1 else 's'} is saved in {progress.resume_path})"
         )
     return f"Stopped by {name} {where}; {then}."
 
