@@ -11,6 +11,7 @@ signals, a real full file system and real concurrent processes are in ``test_fau
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import io
 import json
@@ -199,24 +200,31 @@ def test_finished_step_with_other_training_options_is_refused(done, capsys, no_s
     main_error(argv(root, out, 1) + ["--fix_bn"], capsys, "--fix_bn: False -> True")
 
 
-def _changed_value(action: argparse.Action, current: object) -> list[str] | None:
-    """Command-line words giving ``action`` a value other than ``current`` (None: cannot be changed)."""
+def _changed_value(
+    parser: argparse.ArgumentParser, base_args: list[str], action: argparse.Action, current: object
+) -> list[str] | None:
+    """Command-line words the parser accepts that give ``action`` a value other than ``current``."""
     flag = action.option_strings[0]
     if action.nargs == 0:  # store_true / store_false
-        return [flag] if current == action.default else None
-    if action.choices:
-        other = [c for c in action.choices if c != current]
-        return [flag, str(other[0])] if other else None
-    if action.dest == "pod_options":
-        return [flag, '{"switch": {}}']
-    if action.dest == "pseudo":
-        return [flag, "median"]
-    if action.nargs == "+":
-        return [flag, "1", "3"]
-    if action.type in (int, float):
-        return [flag, str(3 if current in (None, 0) else current * 2)]
-    if action.type is str or action.type is None:
-        return [flag, "other_value"]
+        candidates = [[flag]]
+    elif action.choices:
+        candidates = [[flag, str(choice)] for choice in action.choices if choice != current]
+    else:
+        numbers = []
+        if isinstance(current, int | float) and not isinstance(current, bool):
+            numbers = [current * 2, current + 1, current / 2]
+        values = [*numbers, 3, 0.5, 1, "median", '{"switch": {}}', "other_value"]
+        candidates = [[flag, str(value)] for value in values]
+        if action.nargs == "+":
+            candidates.insert(0, [flag, "1", "3"])
+    for words in candidates:
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                value = getattr(parser.parse_args([*base_args, *words]), action.dest)
+        except SystemExit:
+            continue
+        if value != current:
+            return words
     return None
 
 
@@ -230,7 +238,7 @@ def test_every_parser_option_is_compared_unless_declared_free():
     for action in parser._actions:
         if action.dest in ("help", "method", "dataset", "task", "step", "num_classes"):
             continue
-        words = _changed_value(action, getattr(base, action.dest))
+        words = _changed_value(parser, base_args, action, getattr(base, action.dest))
         assert words is not None, f"no test value for {action.dest}"
         changed = modify_command_options(parser.parse_args([*base_args, *words]))
         differences = option_differences(stored, 1, changed, 1)
