@@ -163,7 +163,10 @@ setup_experiment() {
     local date_file="${CHECKPOINT_PREFIX}.date" started
     DATE=$TODAY
     if is_dry_run; then
-        [[ -f "$date_file" ]] && ! is_fresh && DATE=$(< "$date_file")
+        # What a real run would use, without deleting or writing anything.
+        if ! is_fresh && [[ -f "$date_file" && -n "$(experiment_checkpoints)" ]]; then
+            DATE=$(< "$date_file")
+        fi
         RESULTS_FILE="${RESULTS_DIR}/${DATE}_${DATASET}_${TASK}_${NAME}.csv"
         return 0
     fi
