@@ -271,7 +271,27 @@ def build_optimizer(opts: Any, model: nn.Module, *, fused: bool | None = None) -
     if fused is None:
         device = next(model.parameters()).device
         fused = uses_grad_scaler(opts, device)
-    return torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, nesterov=True, fused=fused or None)
+    optimizer = torch.optim.SGD(
+        groups, lr=opts.lr, momentum=opts.momentum, nesterov=True, fused=fused or None
+    )
+    if fused:
+        zero_momentum_buffers(optimizer)
+    return optimizer
+
+
+def zero_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
+    """Start every momentum buffer at zero before the first step of a fused SGD.
+
+    The fused kernel allocates its buffers with ``empty_like`` on its first call and fills them in that
+    step; when the GradScaler skips the step (an overflow, common at the initial scale 2**16) they stay
+    uninitialised and the next step uses the garbage as momentum (torch ``optim/sgd.py`` ``_fused_sgd``).
+    Zero buffers give the same first update (buf = momentum * 0 + g = g) and survive a skipped step.
+    """
+    for group in optimizer.param_groups:
+        if group["momentum"] == 0:
+            continue
+        for param in group["params"]:
+            optimizer.state[param].setdefault("momentum_buffer", torch.zeros_like(param))
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
