@@ -7,7 +7,6 @@ runs a real two-step experiment on synthetic data, stops it with SIGTERM in step
 
 from __future__ import annotations
 
-import datetime
 import fcntl
 import os
 import shutil
@@ -24,7 +23,9 @@ from tests.conftest import ROOT, load_script_module
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
-TODAY = datetime.date.today().isoformat()
+# The fast cases run the scripts with a `date` that always answers TODAY, so a run across midnight
+# cannot see two dates; the slow case reads the date the script recorded.
+TODAY = "2026-03-14"
 BASE_PATH = "/usr/bin:/bin"  # no torchrun here
 
 
@@ -34,6 +35,12 @@ def fake_repo(tmp_path: Path, with_venv: bool = True) -> tuple[Path, Path]:
     repo = tmp_path / "repo"
     shutil.copytree(ROOT / "scripts", repo / "scripts", ignore=shutil.ignore_patterns("*.py"))
     log = tmp_path / "calls.log"
+    fake_bin = repo / "fake-bin"
+    fake_bin.mkdir()
+    (fake_bin / "date").write_text(
+        f'#!/bin/sh\nif [ "$1" = "+%Y-%m-%d" ]; then echo {TODAY}; else exec /bin/date "$@"; fi\n'
+    )
+    (fake_bin / "date").chmod(0o755)
     if with_venv:
         venv = repo / ".venv" / "bin"
         venv.mkdir(parents=True)
@@ -46,7 +53,14 @@ def fake_repo(tmp_path: Path, with_venv: bool = True) -> tuple[Path, Path]:
 def run(repo: Path, script: str, data: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["bash", str(repo / "scripts" / f"{script}.sh")],
-        env={"PATH": BASE_PATH, "HOME": "/tmp", "LC_ALL": "C", "DATA_ROOT": str(data), "NB_GPU": "1", **env},
+        env={
+            "PATH": f"{repo / 'fake-bin'}{os.pathsep}{BASE_PATH}",
+            "HOME": "/tmp",
+            "LC_ALL": "C",
+            "DATA_ROOT": str(data),
+            "NB_GPU": "1",
+            **env,
+        },
         capture_output=True,
         text=True,
         timeout=60,
@@ -218,7 +232,8 @@ def test_real_experiment_continues_after_sigterm_in_step_1(tmp_path):
     assert proc.returncode != 0 and "Stopped by SIGTERM" in output
     step0 = ckpt / "19-1-voc_LGKD_0.pth"
     stamp = step0.stat().st_mtime_ns
-    csv = results / f"{TODAY}_voc_19-1_LGKD.csv"
+    started = (ckpt / "19-1-voc_LGKD.date").read_text().strip()
+    csv = results / f"{started}_voc_19-1_LGKD.csv"
     assert csv.read_text().startswith("0,") and len(csv.read_text().splitlines()) == 1
 
     # The rerun (another day: the recorded date names the CSV).
