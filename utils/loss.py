@@ -139,15 +139,25 @@ class KnowledgeDistillationLoss(nn.Module):
 
     i.e. the mean is taken over classes and pixels.
 
+    ``kd_cil_weights`` (an option of the reference's constructor that no flag sets) weights each pixel by
+    ``w = 1 + H(softmax(z_old))``, the entropy (natural log, summed over the ``C_old`` classes, without
+    ``alpha``) of the old model's prediction plus one. Reference behaviour, kept: the reference multiplies
+    the (B, H, W) loss by ``w[:, None]`` (B, 1, H, W), which broadcasts to (B, B, H, W) with entry
+    ``[i, j] = w_i * loss_j``; "mean" is then ``mean_{h,w}(mean_i w_i * mean_j loss_j)`` and "none" returns
+    that (B, B, H, W) tensor. With one image per batch this is the per-pixel weighting.
+
     Args:
-        reduction: "mean", "sum" or "none" (per-pixel ``-mean_c q_c l_c``, shape (B, H, W)).
+        reduction: "mean", "sum" or "none" (per-pixel ``-mean_c q_c l_c``, shape (B, H, W); (B, B, H, W)
+            with ``kd_cil_weights``).
         alpha: multiplier of the old logits before the softmax.
+        kd_cil_weights: weight pixels by ``1 + H(softmax(z_old))`` as described above.
     """
 
-    def __init__(self, reduction: str = "mean", alpha: float = 1.0):
+    def __init__(self, reduction: str = "mean", alpha: float = 1.0, kd_cil_weights: bool = False):
         super().__init__()
         self.reduction = reduction
         self.alpha = alpha
+        self.kd_cil_weights = kd_cil_weights
 
     def forward(self, inputs: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
         """Args: inputs (B, C_new, H, W) new logits; targets (B, C_old, H, W) old logits; mask (B, H, W)."""
@@ -155,6 +165,11 @@ class KnowledgeDistillationLoss(nn.Module):
         log_probs = torch.log_softmax(inputs[:, : targets.shape[1]], dim=1)  # (B, C_old, H, W)
         old_probs = torch.softmax(targets * self.alpha, dim=1)
         loss = (log_probs * old_probs).mean(dim=1)  # (B, H, W)
+        if self.kd_cil_weights:
+            # 1 + entropy of the old prediction, (B, H, W).
+            weights = 1.0 - (torch.softmax(targets, dim=1) * torch.log_softmax(targets, dim=1)).sum(dim=1)
+            # Reference behaviour (see the class docstring): (B, 1, H, W) * (B, H, W) -> (B, B, H, W).
+            loss = loss * weights[:, None]
         if mask is not None:
             loss = loss * mask.to(loss.dtype)
         return -_reduce(loss, self.reduction)
