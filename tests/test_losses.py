@@ -275,6 +275,51 @@ def test_lgkd_previous_and_novel_pixels():
     assert close(loss(new_logits(), old_logits(), as_float), (10 * s0 + 2 * s1) / 2)
 
 
+def test_lgkd_reduction_none_is_the_reference_vector_previous_pixels_first():
+    # Two images, the second one with its pixels swapped; labels [[2, 0], [0, 2]] (C_old = 2).
+    z = torch.cat([new_logits(), new_logits().flip(-1)])  # (2, 3, 1, 2)
+    z_old = torch.cat([old_logits(), old_logits().flip(-1)])  # (2, 2, 1, 2)
+    y = torch.tensor([[[2, 0]], [[0, 2]]])
+    # Previous pixels (image 0 pixel 1, image 1 pixel 0): q = [1/4, 3/4, 0] on softmax [3/5, 1/5, 1/5].
+    prev = -10 * (0.25 * math.log(3 / 5) + 0.75 * math.log(1 / 5))
+    # Novel pixels (image 0 pixel 0, image 1 pixel 1): q̃ = [0, 1/2, 1/2] on softmax [1/4, 1/4, 1/2].
+    novel = 2 * 1.5 * LN2
+    none = LabelGuidedKnowledgeDistillationLoss(reduction="none")(z, z_old, y)
+    assert none.shape == (4,)
+    assert close(none, [prev, prev, novel, novel])
+    # The reference's output on this case.
+    assert close(none, [13.3478, 13.3478, 2.0794, 2.0794], tol=1e-4)
+    mean = LabelGuidedKnowledgeDistillationLoss()(z, z_old, y)
+    assert close(mean, none.mean()) and close(mean, 7.7136, tol=1e-4)
+    assert close(LabelGuidedKnowledgeDistillationLoss(reduction="sum")(z, z_old, y), 30.8546, tol=1e-4)
+    # Ignored pixels are left out; an old class counts as previous, in (b, h, w) order with the others.
+    y_ignore = torch.tensor([[[2, 255]], [[1, 2]]])
+    none_ignore = LabelGuidedKnowledgeDistillationLoss(reduction="none")(z, z_old, y_ignore)
+    assert close(none_ignore, [13.3478, 2.0794, 2.0794], tol=1e-4)
+    # The same values as a (B, H, W) map, 0 where ignored.
+    loss_map = LabelGuidedKnowledgeDistillationLoss(reduction="none").loss_map(z, z_old, y_ignore)
+    assert loss_map.shape == (2, 1, 2) and loss_map[0, 0, 1] == 0
+    assert close(loss_map, [[[novel, 0.0]], [[prev, novel]]])
+
+
+def test_lgkd_a_single_novel_pixel():
+    """One novel pixel in the batch: the reference's in-place index assignment crashes under current torch
+    ("refer to a single memory location"); here it is an ordinary novel pixel."""
+    z = torch.cat([new_logits(), new_logits().flip(-1)])
+    z_old = torch.cat([old_logits(), old_logits().flip(-1)])
+    y = torch.tensor([[[0, 0]], [[0, 2]]])
+    prev_0 = -10 * (-2 * LN2)  # image 0 pixel 0: q = [1/2, 1/2, 0], l = [ln 1/4, ln 1/4, ln 1/2]
+    prev_1 = -10 * (0.25 * math.log(3 / 5) + 0.75 * math.log(1 / 5))
+    novel = 2 * 1.5 * LN2
+    loss = LabelGuidedKnowledgeDistillationLoss()
+    assert close(loss(z, z_old, y), (prev_0 + 2 * prev_1 + novel) / 4)
+    none = LabelGuidedKnowledgeDistillationLoss(reduction="none")(z, z_old, y)
+    assert close(none, [prev_0, prev_1, prev_1, novel])
+    # Only one pixel at all, and it is novel.
+    one = loss(new_logits()[..., :1], old_logits()[..., :1], labels(2))
+    assert close(one, novel)
+
+
 def test_lgkd_no_novel_pixels_old_label_is_previous():
     # Labels [0, 1]: label 1 < C_old -> previous. Pixel 1: s = ln(3/5)/4 + 3 ln(1/5)/4.
     s1 = -(0.25 * math.log(3 / 5) + 0.75 * math.log(1 / 5))

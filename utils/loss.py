@@ -225,10 +225,12 @@ class LabelGuidedKnowledgeDistillationLoss(nn.Module):
 
     a weighted cross-entropy (not a KL, no division by the number of classes).
 
-    Reductions: "mean" is the formula above; "sum" drops the division by ``|Π| + |Ν|``; "none" returns
-    the (B, H, W) map ``-w_p * s_p`` (``w_p`` = prev_kd or novel_kd, 0 on ignored pixels), whose mean is
-    therefore over all pixels, ignored ones included. If no pixel is left, "mean" returns a zero that
-    keeps the graph (the reference returns NaN, Q14).
+    Reductions: "mean" is the formula above; "sum" drops the division by ``|Π| + |Ν|``; "none" returns,
+    as the reference does, the 1-D vector of the non-ignored pixels' ``-w_p * s_p`` (``w_p`` = prev_kd or
+    novel_kd): every previous pixel first, then every novel pixel, each group in (b, h, w) order, so that
+    its mean is the "mean" reduction. :meth:`loss_map` gives the same values as a (B, H, W) map (0 on
+    ignored pixels). If no pixel is left, "mean" returns a zero that keeps the graph (the reference
+    returns NaN, Q14).
 
     Args:
         reduction: "mean", "sum" or "none".
@@ -249,6 +251,27 @@ class LabelGuidedKnowledgeDistillationLoss(nn.Module):
     def forward(self, inputs: Tensor, targets: Tensor, labels: Tensor) -> Tensor:
         """Args: inputs (B, C_new, H, W) new logits; targets (B, C_old, H, W) old logits; labels
         (B, H, W) or (B, 1, H, W) ground truth at the logits' resolution (any integer or float dtype)."""
+        loss, previous, novel = self._weighted_pixels(inputs, targets, labels)
+        if self.reduction == "none":
+            # Reference layout: (|Π| + |Ν|,) previous pixels, then novel ones (a host read for the sizes).
+            flat = loss.reshape(-1)
+            return torch.cat([flat[previous.reshape(-1)], flat[novel.reshape(-1)]])
+        if self.reduction == "sum":
+            return loss.sum()
+        if self.reduction == "mean":
+            # |Π| + |Ν|, clamped so that an all-ignored batch gives a graph-keeping 0 (reference: NaN, Q14).
+            return loss.sum() / (previous | novel).sum().clamp(min=1)
+        raise ValueError(f"Unknown reduction {self.reduction!r}: expected 'mean', 'sum' or 'none'.")
+
+    def loss_map(self, inputs: Tensor, targets: Tensor, labels: Tensor) -> Tensor:
+        """The per-pixel loss ``-w_p * s_p`` as a (B, H, W) map, 0 on ignored pixels (same arguments as
+        :meth:`forward`; the reduction is not applied)."""
+        return self._weighted_pixels(inputs, targets, labels)[0]
+
+    def _weighted_pixels(
+        self, inputs: Tensor, targets: Tensor, labels: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(loss map (B, H, W), previous mask (B, H, W), novel mask (B, H, W))."""
         inputs, targets = _fp32(inputs), _fp32(targets)
         if labels.dim() == 4:
             labels = labels[:, 0]
@@ -270,14 +293,7 @@ class LabelGuidedKnowledgeDistillationLoss(nn.Module):
         weights = self.prev_kd * previous.to(per_pixel.dtype) + self.novel_kd * novel.to(per_pixel.dtype)
         # torch.where keeps ignored pixels out of the gradient even if their logits are not finite.
         loss = torch.where(previous | novel, -weights * per_pixel, torch.zeros_like(per_pixel))
-        if self.reduction == "none":
-            return loss
-        if self.reduction == "sum":
-            return loss.sum()
-        if self.reduction == "mean":
-            # |Π| + |Ν|, clamped so that an all-ignored batch gives a graph-keeping 0 (reference: NaN, Q14).
-            return loss.sum() / (previous | novel).sum().clamp(min=1)
-        raise ValueError(f"Unknown reduction {self.reduction!r}: expected 'mean', 'sum' or 'none'.")
+        return loss, previous, novel
 
 
 class BCEWithLogitsLossWithIgnoreIndex(nn.Module):
