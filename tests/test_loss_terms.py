@@ -302,7 +302,16 @@ def test_icarl_and_entmin_terms():
     labels = torch.zeros(1, 1, 1, dtype=torch.long)
     batch = StepBatch(torch.zeros(1), labels, labels, z, outputs_old=z_old)
     assert math.isclose(ICaRLTerm(10.0)(batch).item(), 10 * 2 * LN2, rel_tol=1e-6)
-    assert ICaRLTerm(10.0).validation_loss(batch) is None
+    # Validation: the reference adds the *weighted* term to the reg loss (LWF-MC logged 0 here before).
+    assert math.isclose(ICaRLTerm(10.0).validation_loss(batch).item(), 10 * 2 * LN2, rel_tol=1e-6)
+    assert ICaRLTerm(10.0).validation_loss(StepBatch(torch.zeros(1), labels, labels, z)) is None
+    # Old logits [0, ln 3] -> sigmoid [1/2, 3/4]; new logits [ln 3, 0, 5] (the new class is not used):
+    # BCE(ln 3, 1/2) = ln 4 - ln 3 / 2, BCE(0, 3/4) = ln 2; mean over C_old = 2 classes, x 2 x 10.
+    z = torch.tensor([math.log(3), 0.0, 5.0]).view(1, 3, 1, 1)
+    z_old = torch.tensor([0.0, math.log(3)]).view(1, 2, 1, 1)
+    batch = StepBatch(torch.zeros(1), labels, labels, z, outputs_old=z_old)
+    expected = 10 * 2 * ((math.log(4) - math.log(3) / 2) + LN2) / 2
+    assert math.isclose(ICaRLTerm(10.0).validation_loss(batch).item(), expected, rel_tol=1e-6)
     # Entropy min: uniform over 4 channels -> E = 1/4 on unlabelled pixels; image without such pixels -> 0.
     labels = torch.tensor([[[0, 3]], [[2, 255]]])
     batch = StepBatch(torch.zeros(1), labels, labels, torch.zeros(2, 4, 1, 2))
