@@ -17,31 +17,35 @@ Pinned per preset (``tests/golden/train_presets.json``):
 * the PLOP/LGKD pseudo-label thresholds (sum and maximum);
 * checksums of what training changed, per group (backbone, head, old and new classifiers; batch-norm
   buffers apart): the float64 L2 norm and the projection on a fixed random direction of the parameter
-  update ``after - before`` and of the SGD momentum buffers (every gradient and the weight decay);
+  update ``after - before`` and of the SGD momentum buffers (every gradient, at full precision);
+* the SGD settings of every param group (lr after the schedule's steps, momentum, weight decay, ...);
 * the regulariser's tensors at the end (sum and norm of ``fisher`` / ``score`` / ``delta``);
 * the validation ``(class_loss, reg_loss)`` of one batch.
 
 Why this setting. The computation is float32 on the CPU with one torch thread (fixed here), so a rerun on
 one machine gives the same bits; another CPU rounds differently (AVX2 vs AVX-512 kernels, other oneDNN
-convolution algorithms, another summation order). Three things keep that noise from growing into
-"changes": batches of 4 images that differ as a whole (with 2 images the batch-norm of the ASPP
-image-pooling branch normalises two pooled vectors, whose gradient is then rounding noise divided by a
-tiny deviation); the learning rate 1e-5, so that the three iterations stay nearly linear (at the
-reference's 1e-3, ReLU/max-pool kinks crossed by rounding-sized differences amplify them about tenfold per
-iteration, and ILT's and LGKD's later iterations differ by 1e-3 between machines); and the momentum
-buffers, which hold the gradients at full precision, as the precise checksum of the update.
+convolution algorithms, another summation order), and a unit whose input is near a ReLU/max-pool kink can
+then switch side, which changes a few gradient entries by much more than a rounding error. Three choices
+keep that from growing into a failure: batches of 4 images that differ as a whole (with 2 images the
+batch-norm of the ASPP image-pooling branch normalises two pooled vectors, whose gradient is then
+rounding noise divided by a tiny deviation); the learning rate 1e-5, so that the three iterations stay
+nearly linear (at the reference's 1e-3 the differences grow from iteration to iteration: between
+machines ILT's third loss then differs by 6e-4 and LGKD's update checksum by 5e-2); and the momentum
+buffers, which keep the gradients at full precision, next to the parameter update, which a float32
+parameter stores with only a few significant bits at this learning rate.
 
-Tolerances, with the largest change measured between 1 and 2 threads, and between AVX-512 and
-``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` (at a 10x larger learning rate, which is noisier):
+Tolerances, against the largest change measured between 1 and 2 threads and between AVX-512 and
+``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` (same machine, torch 2.13):
 
-* ``RTOL = 2e-4`` of the value for everything but the next two kinds (measured: at most 2e-5);
-* ``RTOL_QUANTISED = 1e-2`` of the group's norm for the parameter-update projections, and of the value for
-  the path-integral score (PI/RW ``score``): a float32 parameter stores a step of lr 1e-5 with a few
-  significant bits, so some elements round one ulp apart between machines (measured: at most 9e-4).
+* ``RTOL = 5e-4`` of the value for every pinned value but the projections (measured: at most 5e-5);
+* ``RTOL_PROJECTION = 3e-2`` of the group's norm for the projections (measured: at most 3.2e-3; a
+  projection sees every entry that switched, a norm hardly).
 
-Changes of the science move pinned values far more: dropping the regulariser's penalty gradient (4e-3),
-the weight decay (3e-3 on a momentum projection), LGKD ``novel_kd`` 1 -> 1.1 (5e-3), PLOP's last POD
-factor 0.0005 -> 0.0006 (8e-2), SGD momentum 0.9 -> 0.8 (0.1), ``--reg_alpha`` 0.9 -> 0.8 (0.1).
+Changes of the science move non-projection values by far more than ``RTOL``: dropping the regulariser's
+penalty gradient (4e-3 to 9e-3), LGKD ``--novel_kd`` 1 -> 1.1 (6e-3), PLOP's last POD factor 0.0005 ->
+0.0006 (8e-2), SGD momentum 0.9 -> 0.8 (0.1), ``--reg_alpha`` 0.9 -> 0.8 (0.1). The weight decay's share
+of three steps is below the tolerance, so the optimizer settings are pinned as values. The weights come
+from ``make_model``'s seeded initialisation: changing what it draws, or in which order, changes them too.
 
 Regenerating. Only when a change is *meant* to alter the numbers:
 
@@ -72,8 +76,8 @@ from utils.scheduler import build_scheduler
 GOLDEN_FILE = Path(__file__).resolve().parent / "golden" / "train_presets.json"
 REGENERATE = os.environ.get("GOLDEN_REGENERATE") == "1"
 
-RTOL = 2e-4  # relative tolerance of every pinned value but the next two kinds (module docstring)
-RTOL_QUANTISED = 1e-2  # parameter-update projections and path-integral scores (module docstring)
+RTOL = 5e-4  # relative tolerance of every pinned value but the projections (module docstring)
+RTOL_PROJECTION = 3e-2  # of the group's norm, for the projections on a random direction
 ATOL = 1e-12  # for values that are exactly 0 (the penalty at the first iteration)
 
 # VOC 15-5, step 1: classes 0..15 old, 16..20 new; the LGKD script of 15-5 passes --prev_kd 5 --novel_kd 1.
@@ -274,6 +278,12 @@ def run_preset(method: str, workdir: Path) -> dict[str, Any]:
     record["epoch"] = {"class_loss": class_loss, "reg_loss": reg_loss}
     record["update"] = update_checksum(model, before, len(classes))
     record["momentum"] = momentum_checksum(model, optimizer, len(classes))
+    # The SGD settings of every param group, exact (the weight decay is below the checksums' tolerance).
+    record["optimizer"] = [
+        {k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay")}
+        | {"nesterov": float(group["nesterov"]), "parameters": float(len(group["params"]))}
+        for group in optimizer.param_groups
+    ]
 
     regularizer_state = trainer.state_dict()["regularizer"]
     if regularizer_state is not None:
@@ -292,9 +302,7 @@ def run_preset(method: str, workdir: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ checks
 def tolerance(path: str) -> float:
     """Relative tolerance of the pinned value at ``path`` (see the module docstring)."""
-    if (path.endswith(".projection") and ".update." in path) or ".regularizer.score." in path:
-        return RTOL_QUANTISED
-    return RTOL
+    return RTOL_PROJECTION if path.endswith(".projection") else RTOL
 
 
 def compare(actual: Any, expected: Any, path: str, problems: list[str], scale: float | None = None) -> None:
