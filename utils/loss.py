@@ -168,7 +168,7 @@ class KnowledgeDistillationLoss(nn.Module):
         if self.kd_cil_weights:
             # 1 + entropy of the old prediction, (B, H, W).
             weights = 1.0 - (torch.softmax(targets, dim=1) * torch.log_softmax(targets, dim=1)).sum(dim=1)
-            # Reference behaviour (see the class docstring): (B, 1, H, W) * (B, H, W) -> (B, B, H, W).
+            # Reference behaviour (docs/reference-notes.md#rn-42): (B, 1, H, W) * (B, H, W) -> (B, B, H, W).
             loss = loss * weights[:, None]
         if mask is not None:
             loss = loss * mask.to(loss.dtype)
@@ -230,7 +230,8 @@ class LabelGuidedKnowledgeDistillationLoss(nn.Module):
     novel_kd): every previous pixel first, then every novel pixel, each group in (b, h, w) order, so that
     its mean is the "mean" reduction. :meth:`loss_map` gives the same values as a (B, H, W) map (0 on
     ignored pixels). If no pixel is left, "mean" returns a zero that keeps the graph (the reference
-    returns NaN, Q14).
+    returns NaN, Q14). A batch with a single novel pixel is computed like any other; the reference's
+    in-place assignment fails there under current PyTorch (docs/reference-notes.md#rn-38).
 
     Args:
         reduction: "mean", "sum" or "none".

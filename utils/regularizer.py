@@ -20,7 +20,7 @@ that a checkpoint goes both ways between this project and the reference:
   project's ``count`` (updates so far, which keeps the period's phase on a resume).
 
 ``load_state_dict`` reads both this layout and the reference's, and refuses (``CheckpointError``) a
-state whose tensors do not match the model's parameters.
+state whose tensors do not match the model's parameters (docs/reference-notes.md#rn-43).
 """
 
 from __future__ import annotations
