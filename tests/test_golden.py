@@ -71,6 +71,7 @@ import tasks
 from argparser import METHODS, get_argparser, modify_command_options
 from metrics import StreamSegMetrics
 from train import Trainer
+from utils.resume import inspect_checkpoints
 from utils.scheduler import build_scheduler
 
 GOLDEN_FILE = Path(__file__).resolve().parent / "golden" / "train_presets.json"
@@ -250,7 +251,8 @@ def run_preset(method: str, workdir: Path) -> dict[str, Any]:
     val_batches = make_batches(1, old_too=True, generator=generator)
 
     torch.manual_seed(SEED_STEP1)
-    model, model_old, trainer_state = run.build_train_models(opts, cpu, batches)
+    plan = inspect_checkpoints(opts, world_size=1)  # run.py's check and load of the step-0 file
+    model, model_old, trainer_state = run.build_train_models(opts, cpu, batches, plan)
     classes = tasks.get_per_task_classes(opts.dataset, opts.task, opts.step)
     trainer = Trainer(model, model_old, cpu, opts, trainer_state, classes, opts.step)
     optimizer = run.build_optimizer(opts, model)
