@@ -847,7 +847,8 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
         "--no_resume",
         action="store_true",
         default=False,
-        help="do not resume automatically from the last finished epoch of this step",
+        help="start this step over: ignore its interrupted state (_last.pth) and train it even if it "
+        "already finished (its checkpoint is replaced); without it a rerun resumes or skips the step",
     )
 
 

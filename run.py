@@ -2,20 +2,29 @@
 
 One call = one step (spec §1): the step-``t`` run loads the best checkpoint of step ``t-1`` into the new model
 (balanced initialisation of the new classifier) and into the frozen old model, trains for ``--epochs``,
-validates on the seen-classes test set, keeps the best checkpoint and appends its row to the results CSV.
-An interrupted step resumes from its last finished epoch when the same command is run again.
+validates on the seen-classes test set, keeps the best checkpoint and writes its row to the results CSV.
+
+Running the same command again never loses or redoes work: an interrupted step resumes from its last
+finished epoch, a finished step exits at once (rewriting its results row if it is missing), and a rerun with
+options that would change the trained model is refused with the list of differences (utils/resume.py,
+utils/training_options.py). Every input is checked before the data set is scanned; Ctrl-C and SIGTERM stop
+with one line that says how to resume (utils/interrupt.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
 import math
 import os
 import random
 import sys
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -31,12 +40,43 @@ from segmentation_module import make_model
 from train import Trainer, uses_grad_scaler
 from utils import distributed as dist_utils
 from utils.allocator import keep_freed_memory
-from utils.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from utils.errors import CheckpointError, DatasetError, OptionsError, TrainingError, UserError
+from utils.checkpoint import (
+    check_same_layout,
+    load_checkpoint,
+    load_model_state,
+    loading_entry,
+    save_checkpoint,
+)
+from utils.errors import CheckpointError, DatasetError, OptionsError, OutputError, TrainingError, UserError
+from utils.files import describe_os_error
+from utils.interrupt import (
+    CountingIterable,
+    RunProgress,
+    StopRequested,
+    install_stop_handlers,
+    received_signal,
+    restore_handlers,
+    stop_message,
+)
 from utils.logger import Logger
-from utils.results import format_results_row, results_csv_path, write_results_row
+from utils.results import format_results_row, results_steps, write_results_row
+from utils.resume import (
+    StepPlan,
+    check_name_lengths,
+    inspect_checkpoints,
+    last_epoch_checkpoint_path,
+    launch_rank,
+    log_directory,
+    options_file,
+    planned_world_size,
+    previous_step_path,
+    results_path,
+    step_checkpoint_path,
+    step_guard,
+)
 from utils.sampler import ShardedEvalSampler
 from utils.scheduler import build_scheduler
+from utils.training_options import stored_options
 from utils.visualization import make_pointcloud_grid, make_prediction_grid
 
 # Reference behaviour (§7.4): validate when (epoch+1) % val_interval == 0 from epoch 30 on, or after the
@@ -46,21 +86,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-# ---------------------------------------------------------------------------------------------- paths
-def step_checkpoint_path(opts: Any, step: int) -> Path:
-    """The reference's checkpoint name: ``{checkpoint}/{task}-{dataset}_{name}_{step}.pth`` (§10.2)."""
-    return Path(opts.checkpoint) / f"{opts.task}-{opts.dataset}_{opts.name}_{step}.pth"
-
-
-def last_epoch_checkpoint_path(opts: Any) -> Path:
-    """Checkpoint of the last finished epoch, for resuming an interrupted step (removed on success)."""
-    return Path(opts.checkpoint) / f"{opts.task}-{opts.dataset}_{opts.name}_{opts.step}_last.pth"
-
-
-def log_directory(opts: Any) -> Path:
-    return Path(opts.logdir) / f"{opts.task}-{opts.dataset}" / opts.name / f"step{opts.step}"
-
-
+# ---------------------------------------------------------------------------------------------- checks
 def check_safe_name(value: str, flag: str) -> None:
     """File names built from --name / --date must stay inside the output folders."""
     if not value and flag == "--name":
@@ -75,16 +101,25 @@ def check_safe_name(value: str, flag: str) -> None:
 
 
 def ensure_writable(directory: Path, flag: str) -> None:
+    """Create ``directory`` and check that a file can be written in it (an anonymous temporary file, so
+    nothing is left behind even if the process is killed right then)."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=directory):
+            pass
     except OSError as err:
         raise OptionsError(
-            f"Cannot write to {directory} ({flag}): {err.strerror or err}. Choose a writable folder with "
+            f"Cannot write to {directory} ({flag}): {describe_os_error(err)}. Choose a writable folder with "
             f"{flag} or fix its permissions."
         ) from None
+
+
+def _not_a_file(path: Path, flag: str) -> str | None:
+    if path.is_dir():
+        return f"{flag} {path} is a directory, not a checkpoint file: pass the .pth file itself."
+    if not path.is_file():
+        return f"{flag} {path} does not exist."
+    return None
 
 
 def preflight(opts: Any) -> None:
@@ -93,13 +128,28 @@ def preflight(opts: Any) -> None:
     check_safe_name(opts.date, "--date")
     if opts.test:
         path = Path(opts.ckpt) if opts.ckpt else step_checkpoint_path(opts, opts.step)
-        if not path.is_file():
+        problem = _not_a_file(path, "--ckpt" if opts.ckpt else "The checkpoint of this step,")
+        if problem:
             raise CheckpointError(
-                f"--test needs the checkpoint to evaluate, but {path} does not exist. Pass it with --ckpt "
-                "(e.g. a released model such as 15-x-voc.pth) or train the step first."
+                f"--test needs the checkpoint to evaluate: {problem} Pass it with --ckpt (e.g. a released "
+                "model such as 15-x-voc.pth) or train the step first."
             )
-    elif opts.step > 0 and not opts.debug:
+    elif opts.ckpt is not None:
+        problem = _not_a_file(Path(opts.ckpt), "--ckpt")
+        if problem:
+            raise CheckpointError(
+                f"{problem} When training, --ckpt names a checkpoint to resume this step from (it must "
+                "exist; an interrupted step resumes by itself from its _last.pth without --ckpt). To start "
+                f"step {opts.step} from the previous step's model use --step_ckpt; to evaluate a model use "
+                "--test --ckpt FILE."
+            )
+    if not opts.test and opts.step > 0 and not opts.debug:
         path = previous_step_path(opts)
+        if path.is_dir():
+            raise CheckpointError(
+                f"--step_ckpt {path} is a directory, not a checkpoint file: pass the previous step's .pth "
+                "file."
+            )
         if not path.is_file():
             raise CheckpointError(
                 f"Step {opts.step} starts from the model of step {opts.step - 1}, but {path} does not exist. "
@@ -114,10 +164,7 @@ def preflight(opts: Any) -> None:
             "containing S3DIS/ or ScanNet/, prepared with data/prepare_3d.py; or make a synthetic one with "
             "python data/make_synthetic.py)."
         )
-
-
-def previous_step_path(opts: Any) -> Path:
-    return Path(opts.step_ckpt) if opts.step_ckpt else step_checkpoint_path(opts, opts.step - 1)
+    check_name_lengths(opts)
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -230,9 +277,30 @@ def build_optimizer(opts: Any, model: nn.Module, *, fused: bool | None = None) -
         device = next(model.parameters()).device
         fused = uses_grad_scaler(opts, device)
     if getattr(opts, "optimizer", "sgd") == "adam":
-        # 3DPC-CISS (runs/*.py): torch's Adam with its default betas, weight decay as an L2 term.
+        # 3DPC-CISS (runs/*.py): torch's Adam with its default betas, weight decay as an L2 term. Its fused
+        # kernel creates its moment buffers as zeros, so a skipped fp16 step leaves them valid.
         return torch.optim.Adam(groups, lr=opts.lr, fused=fused or None)
-    return torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, nesterov=True, fused=fused or None)
+    optimizer = torch.optim.SGD(
+        groups, lr=opts.lr, momentum=opts.momentum, nesterov=True, fused=fused or None
+    )
+    if fused:
+        zero_momentum_buffers(optimizer)
+    return optimizer
+
+
+def zero_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
+    """Start every momentum buffer at zero before the first step of a fused SGD.
+
+    The fused kernel allocates its buffers with ``empty_like`` on its first call and fills them in that
+    step; when the GradScaler skips the step (an overflow, common at the initial scale 2**16) they stay
+    uninitialised and the next step uses the garbage as momentum (torch ``optim/sgd.py`` ``_fused_sgd``).
+    Zero buffers give the same first update (buf = momentum * 0 + g = g) and survive a skipped step.
+    """
+    for group in optimizer.param_groups:
+        if group["momentum"] == 0:
+            continue
+        for param in group["params"]:
+            optimizer.state[param].setdefault("momentum_buffer", torch.zeros_like(param))
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -249,26 +317,27 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 
 
 def load_previous_step(
-    opts: Any, model: nn.Module, model_old: nn.Module, train_loader: DataLoader, device: torch.device
+    opts: Any,
+    model: nn.Module,
+    model_old: nn.Module,
+    train_loader: DataLoader,
+    device: torch.device,
+    checkpoint: Mapping[str, Any] | None,
 ) -> dict | None:
-    """Load step t-1 into the new model (non-strict, then balanced init) and the frozen old model (§7.2)."""
-    path = previous_step_path(opts)
-    if not path.is_file():
-        # Only reachable with --debug (preflight refuses otherwise).
-        logging.getLogger("LGKD").warning(f"Previous-step checkpoint {path} not found: continuing (--debug).")
+    """Load step t-1 into the new model (non-strict, then balanced init) and the frozen old model (§7.2).
+
+    ``checkpoint`` was loaded and checked by :func:`utils.resume.inspect_checkpoints` (None: missing, which
+    only ``--debug`` allows).
+    """
+    if checkpoint is None:
         return None
-    checkpoint = load_checkpoint(path)
-    if "model_state" not in checkpoint:
-        raise CheckpointError(
-            f"{path} has no 'model_state' entry (keys: {sorted(checkpoint)[:8]}); it is not a checkpoint of "
-            "this framework or of the LGKD/PLOP reference. Pass the previous step's .pth with --step_ckpt."
-        )
-    load_model_state(model, checkpoint["model_state"], strict=False, source=str(path))
+    source = str(previous_step_path(opts))
+    load_model_state(model, checkpoint["model_state"], strict=False, source=source)
     if opts.init_balanced:
         model.init_new_classifier(device)
     elif opts.init_multimodal is not None:
         model.init_new_classifier_multimodal(device, train_loader, opts.init_multimodal)
-    load_model_state(model_old, checkpoint["model_state"], strict=opts.strict_weights, source=str(path))
+    load_model_state(model_old, checkpoint["model_state"], strict=opts.strict_weights, source=source)
     return checkpoint.get("trainer_state")
 
 
@@ -311,19 +380,31 @@ def _to_tuple(x: Any) -> Any:
 
 
 class StepState:
-    """What the epoch loop tracks and a resumed run restores (§7.3, §7.4)."""
+    """What the epoch loop tracks and a resumed run restores (§7.3, §7.4).
+
+    ``provenance`` goes into every checkpoint of the run: the resolved options, the number of processes,
+    the run's identifier and the identity of the previous step's model (see utils/resume.py).
+    """
 
     def __init__(self) -> None:
         self.start_epoch = 0
         self.best_score = -math.inf  # Q23 fixed: a first validation with mIoU 0 is still saved
         self.best_epoch = 0
         self.test_scores: dict[int, dict] = {}
+        self.provenance: dict[str, Any] = {}
 
 
 def checkpoint_dict(
-    model: nn.Module, optimizer: Any, scheduler: Any, trainer: Trainer, epoch: int, best_score: float
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    trainer: Trainer,
+    epoch: int,
+    best_score: float,
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict:
-    """The reference format (§10.2) with ``module.``-prefixed keys, plus the AMP scaler state."""
+    """The reference format (§10.2) with ``module.``-prefixed keys, plus the AMP scaler state and this
+    run's ``provenance`` (extra top-level entries, which the reference's loading ignores)."""
     return {
         "epoch": epoch,
         "model_state": {f"module.{k}": v for k, v in model.state_dict().items()},
@@ -332,33 +413,58 @@ def checkpoint_dict(
         "best_score": float(best_score),
         "trainer_state": trainer.state_dict(),
         "scaler_state": trainer.scaler.state_dict(),
+        **(provenance or {}),
+    }
+
+
+def make_provenance(opts: Any, world_size: int, plan: StepPlan) -> dict[str, Any]:
+    """The entries that let a later run tell whether a checkpoint is the result of the same training."""
+    resumed_id = plan.resume.get("run_id") if plan.resume is not None else None
+    return {
+        "options": stored_options(opts),
+        "world_size": world_size,
+        # A resumed run continues the same training: it keeps the identifier.
+        "run_id": resumed_id if isinstance(resumed_id, str) else uuid.uuid4().hex,
+        "previous_step": plan.previous_identity,
     }
 
 
 def resume(
-    opts: Any, model: nn.Module, optimizer: Any, scheduler: Any, trainer: Trainer, log: Logger
+    opts: Any,
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    trainer: Trainer,
+    log: Logger,
+    plan: StepPlan,
 ) -> tuple[StepState, dict | None]:
-    """Resume from --ckpt (reference) or, automatically, from this step's last finished epoch."""
+    """Resume from --ckpt (reference) or, automatically, from this step's last finished epoch.
+
+    The checkpoint was chosen, loaded and checked by :func:`utils.resume.inspect_checkpoints`; an entry
+    that still does not load (written by other code) is a CheckpointError naming the file and the entry.
+    """
     state = StepState()
-    path = None
-    if opts.ckpt is not None and Path(opts.ckpt).is_file():
-        path = Path(opts.ckpt)
-    elif not opts.no_resume and last_epoch_checkpoint_path(opts).is_file():
-        path = last_epoch_checkpoint_path(opts)
-    if path is None:
+    checkpoint, path = plan.resume, plan.resume_path
+    if checkpoint is None:
         return state, None
-    checkpoint = load_checkpoint(path)
-    load_model_state(model, checkpoint["model_state"], strict=True, source=str(path))
-    load_optimizer_state(optimizer, checkpoint["optimizer_state"])
-    scheduler.load_state_dict(checkpoint["scheduler_state"])
+    source = str(path)
+    load_model_state(model, checkpoint["model_state"], strict=True, source=source)
+    with loading_entry(source, "optimizer_state"):
+        load_optimizer_state(optimizer, checkpoint["optimizer_state"])
+    check_same_layout(scheduler.state_dict(), checkpoint["scheduler_state"], source, "scheduler_state")
+    with loading_entry(source, "scheduler_state"):
+        scheduler.load_state_dict(checkpoint["scheduler_state"])
     if checkpoint.get("scaler_state"):
-        trainer.scaler.load_state_dict(checkpoint["scaler_state"])
+        with loading_entry(source, "scaler_state"):
+            trainer.scaler.load_state_dict(checkpoint["scaler_state"])
     if checkpoint.get("trainer_state"):
-        trainer.load_state_dict(checkpoint["trainer_state"])
-    state.start_epoch = state.best_epoch = int(checkpoint["epoch"])
-    state.best_score = float(checkpoint.get("best_score", -math.inf))
-    state.best_epoch = int(checkpoint.get("best_epoch", state.best_epoch))
-    state.test_scores = dict(checkpoint.get("test_scores", {}))
+        with loading_entry(source, "trainer_state"):
+            trainer.load_state_dict(checkpoint["trainer_state"])
+    with loading_entry(source, "epoch / best_score / test_scores"):
+        state.start_epoch = state.best_epoch = int(checkpoint["epoch"])
+        state.best_score = float(checkpoint.get("best_score", -math.inf))
+        state.best_epoch = int(checkpoint.get("best_epoch", state.best_epoch))
+        state.test_scores = {int(k): v for k, v in checkpoint.get("test_scores", {}).items()}
     log.info(f"[!] Resuming step {opts.step} from {path} at epoch {state.start_epoch}/{opts.epochs}")
     return state, checkpoint.get("rng_state")
 
@@ -403,6 +509,31 @@ def write_samples(log: Logger, opts: Any, samples: list, epoch: int) -> None:
     log.add_image("Samples", grid.transpose(2, 0, 1), epoch)
 
 
+T = TypeVar("T")
+
+
+def on_main(fn: Callable[[], T]) -> T | None:
+    """Run ``fn`` on rank 0 only; if it raises a UserError, every rank raises it (the others would otherwise
+    wait in their next collective until the launcher kills them)."""
+    result, error = None, None
+    if dist_utils.is_main_process():
+        try:
+            result = fn()
+        except UserError as err:
+            error = err
+    if dist_utils.get_world_size() > 1:
+        error = dist_utils.broadcast_object(error)
+    if error is not None:
+        raise error
+    return result
+
+
+def resume_hint(progress: RunProgress) -> str:
+    if progress.saved_epoch is None:
+        return "Then rerun the same command: training had not started."
+    return f"Then rerun the same command to resume from epoch {progress.saved_epoch + 1}."
+
+
 def fit(
     opts: Any,
     trainer: Trainer,
@@ -413,13 +544,27 @@ def fit(
     metrics: StreamSegMetrics,
     state: StepState,
     log: Logger,
+    progress: RunProgress,
 ) -> dict:
-    """The epoch loop with the reference's validation cadence and best-mIoU checkpoint (§7.3, §7.4)."""
+    """The epoch loop with the reference's validation cadence and best-mIoU checkpoint (§7.3, §7.4).
+
+    The resumable state is on disk from the start (``_last.pth`` at ``state.start_epoch``, unless this run
+    resumed from it): a full disk shows before the first epoch, and a step whose ``.pth`` exists without a
+    ``_last.pth`` is always a finished one.
+    """
     train_loader, test_loader = loaders
     best_path, last_path = step_checkpoint_path(opts, opts.step), last_epoch_checkpoint_path(opts)
     sample_ids = sample_batch_ids(opts, len(test_loader))
+    progress.epochs, progress.iterations = opts.epochs, len(train_loader)
+    counted_loader = CountingIterable(train_loader, progress)
+    if state.start_epoch < opts.epochs and not _same_file(progress.resume_path, last_path):
+        progress.phase = "saving"
+        save_last_epoch(
+            opts, model, optimizer, scheduler, trainer, state.start_epoch, state, last_path, progress
+        )
     for epoch in range(state.start_epoch, opts.epochs):
-        class_loss, reg_loss = trainer.train(epoch, optimizer, train_loader, scheduler, logger=log)
+        progress.phase, progress.epoch = "training", epoch
+        class_loss, reg_loss = trainer.train(epoch, optimizer, counted_loader, scheduler, logger=log)
         log.info(
             f"End of Epoch {epoch}/{opts.epochs}, Average Loss={class_loss + reg_loss}, "
             f"Class Loss={class_loss}, Reg Loss={reg_loss}"
@@ -428,6 +573,7 @@ def fit(
         log.add_scalar("E-Loss-reg", reg_loss, epoch)
         log.add_scalar("E-Loss-cls", class_loss, epoch)
         if should_validate(epoch + 1, opts.val_interval, opts.epochs):
+            progress.phase = "validation"
             val_loss, score, samples = trainer.validate(
                 test_loader, metrics, sample_ids, logger=log, end_task=True
             )
@@ -435,15 +581,46 @@ def fit(
             state.test_scores[epoch + 1] = plain_score(score)
             if score["Mean IoU"] > state.best_score:
                 state.best_score, state.best_epoch = float(score["Mean IoU"]), epoch + 1
-                if dist_utils.is_main_process():
-                    save_checkpoint(
-                        checkpoint_dict(model, optimizer, scheduler, trainer, epoch + 1, state.best_score),
-                        best_path,
-                    )
-                    log.info(f"[!] Checkpoint saved: {best_path}")
+                progress.phase = "saving"
+                save_best_checkpoint(model, optimizer, scheduler, trainer, state, best_path, progress)
+                log.info(f"[!] Checkpoint saved: {best_path}")
             log.info(f"Current best epoch {state.best_epoch}, best score {state.best_score}")
-        save_last_epoch(opts, model, optimizer, scheduler, trainer, epoch + 1, state, last_path)
+        progress.phase = "saving"
+        save_last_epoch(opts, model, optimizer, scheduler, trainer, epoch + 1, state, last_path, progress)
+    progress.phase = "validation"
     return final_score(opts, trainer, model, test_loader, metrics, state, best_path, log)
+
+
+def save_best_checkpoint(
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    trainer: Trainer,
+    state: StepState,
+    path: Path,
+    progress: RunProgress,
+) -> None:
+    """The reference's best-mIoU checkpoint (rank 0), with its score, so that a lost results row can be
+    rewritten."""
+    extra = {
+        **state.provenance,
+        "best_epoch": state.best_epoch,
+        "score": state.test_scores[state.best_epoch],
+    }
+    on_main(
+        lambda: save_checkpoint(
+            checkpoint_dict(model, optimizer, scheduler, trainer, state.best_epoch, state.best_score, extra),
+            path,
+            hint=resume_hint(progress),
+        )
+    )
+
+
+def _same_file(a: Path | None, b: Path) -> bool:
+    try:
+        return a is not None and a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 def save_last_epoch(
@@ -455,23 +632,30 @@ def save_last_epoch(
     epoch: int,
     state: StepState,
     path: Path,
+    progress: RunProgress,
 ) -> None:
-    """Write the resumable state of the finished epoch atomically (every rank's RNG state included)."""
+    """Write the resumable state after ``epoch`` finished epochs, atomically (every rank's RNG state
+    included); a failed write stops every rank with the path and the cause, the previous file intact."""
     rng = rng_state()
     all_rng = [rng]
     if dist_utils.is_dist_avail_and_initialized():
         all_rng = [None] * dist_utils.get_world_size()
         torch.distributed.all_gather_object(all_rng, rng)
-    if dist_utils.is_main_process():
-        checkpoint = checkpoint_dict(model, optimizer, scheduler, trainer, epoch, state.best_score)
+
+    def save() -> None:
+        checkpoint = checkpoint_dict(
+            model, optimizer, scheduler, trainer, epoch, state.best_score, state.provenance
+        )
         checkpoint.update(
             best_epoch=state.best_epoch,
             test_scores=state.test_scores,
             rng_state=all_rng,
             world_size=len(all_rng),
         )
-        save_checkpoint(checkpoint, path)
-    dist_utils.barrier()
+        save_checkpoint(checkpoint, path, hint=resume_hint(progress))
+
+    on_main(save)
+    progress.saved_epoch, progress.resume_path = epoch, path
 
 
 def final_score(
@@ -501,7 +685,7 @@ def sample_batch_ids(opts: Any, n_batches: int) -> list[int]:
     return sorted(rng.sample(range(n_batches), min(opts.sample_num, n_batches)))
 
 
-def finish_step(opts: Any, score: dict, best_epoch: int, log: Logger) -> None:
+def finish_step(opts: Any, score: Mapping[str, Any], best_epoch: int, log: Logger) -> None:
     """End-of-step logging (§7.6) and the results CSV row (§10.3), rank 0."""
     log.info(StreamSegMetrics.to_str(score))
     log.add_table("Test_Class_IoU", score["Class IoU"])
@@ -515,16 +699,92 @@ def finish_step(opts: Any, score: dict, best_epoch: int, log: Logger) -> None:
     log.add_scalar("T_Overall_Acc", score["Overall Acc"], opts.step)
     log.add_scalar("T_MeanIoU", score["Mean IoU"], opts.step)
     log.add_scalar("T_MeanAcc", score["Mean Acc"], opts.step)
-    if dist_utils.is_main_process():
-        path = results_csv_path(opts.results_dir, opts.date, opts.dataset, opts.task, opts.name)
-        write_results_row(path, opts.step, format_results_row(opts.step, score, opts.num_classes))
-        log.info(f"Results row of step {opts.step} written to {path}")
+    on_main(lambda: write_row(opts, score))
+    log.info(f"Results row of step {opts.step} written to {results_path(opts)}")
+
+
+def write_row(opts: Any, score: Mapping[str, Any]) -> None:
+    """The step's results CSV row; a failed write says what is kept and how to write the row later."""
+    try:
+        write_results_row(
+            results_path(opts), opts.step, format_results_row(opts.step, score, opts.num_classes)
+        )
+    except OutputError as err:
+        last = last_epoch_checkpoint_path(opts)
+        if opts.test or not last.is_file():
+            raise OutputError(f"{err} Then rerun the same command: it only writes the row.") from err
+        raise OutputError(
+            f"{err} The trained model is saved in {step_checkpoint_path(opts, opts.step)} and the resumable "
+            f"state {last_epoch_checkpoint_path(opts)} is kept: once fixed, rerun the same command (it only "
+            "writes the row), or evaluate the model with --test, which writes the row too."
+        ) from err
 
 
 # ---------------------------------------------------------------------------------------------- main
-def run_step(opts: Any) -> None:
-    """Check every input (options, data, checkpoints, weights) before writing anything, then run."""
+def say(message: str) -> None:
+    """A line before the logger exists (rank 0 of the launch only)."""
+    if launch_rank() == 0:
+        print(f"[LGKD] {message}", flush=True)
+
+
+def run_step(opts: Any, progress: RunProgress | None = None) -> None:
+    """Check every input (options, names, checkpoints) before any work, then run or skip the step.
+
+    Order: options and paths (:func:`preflight`), then the step lock and the checkpoint files
+    (:func:`utils.resume.inspect_checkpoints`, against models on the meta device), and only then the
+    data set (whose first scan can take minutes), the models, the outputs and the training.
+    """
+    progress = progress or RunProgress()
+    progress.epochs = opts.epochs
+    if opts.test:
+        progress.phase = "evaluation"
     preflight(opts)
+    with step_guard(opts):
+        plan = inspect_checkpoints(opts, planned_world_size())
+        if plan.finished:
+            if skip_finished_step(opts, plan):
+                return
+            # Finished, but its row is missing and the file holds no score: evaluate it to write the row.
+            opts = argparse.Namespace(
+                **{**vars(opts), "test": True, "ckpt": str(step_checkpoint_path(opts, opts.step))}
+            )
+            plan = StepPlan(test_model=plan.final, test_path=Path(opts.ckpt), notes=plan.notes)
+            progress.phase = "evaluation"
+        if plan.resume is not None:
+            progress.saved_epoch, progress.resume_path = int(plan.resume["epoch"]), plan.resume_path
+        execute_step(opts, plan, progress)
+
+
+def skip_finished_step(opts: Any, plan: StepPlan) -> bool:
+    """A finished step does no work: its row is already in the CSV, or is rewritten from the score stored
+    in its checkpoint. False when the row is missing and the checkpoint holds no score."""
+    path, csv = step_checkpoint_path(opts, opts.step), results_path(opts)
+    ckpt = plan.final or {}
+    for note in plan.notes:
+        say(note)
+    done = (
+        f"Step {opts.step} already finished: {path} (epoch {ckpt.get('epoch')}, best mIoU "
+        f"{ckpt.get('best_score')})."
+    )
+    again = f"Pass --no_resume to train step {opts.step} again."
+    if opts.step in results_steps(csv):
+        say(f"{done} Its results row is in {csv}. Nothing to do. {again}")
+        return True
+    score = ckpt.get("score")
+    if isinstance(score, Mapping) and {"Class IoU", "Mean IoU"} <= set(score):
+        if launch_rank() == 0:
+            write_row(opts, score)
+        say(f"{done} Its missing results row was written to {csv} from the checkpoint. {again}")
+        return True
+    say(
+        f"{done} Its results row is missing from {csv} and the checkpoint holds no score (written by the "
+        "reference or an older version): evaluating it to write the row."
+    )
+    return False
+
+
+def execute_step(opts: Any, plan: StepPlan, progress: RunProgress) -> None:
+    """Data, models, outputs, then training or evaluation, then the results row."""
     info = setup_runtime(opts)
     device = info.device
     opts.inital_nb_classes = tasks.get_per_task_classes(opts.dataset, opts.task, 0)[0]
@@ -534,41 +794,81 @@ def run_step(opts: Any) -> None:
     random.seed(opts.random_seed)
     loaders = build_loaders(opts, bundle, info)
     if opts.test:
-        model, ckpt_path, epoch = load_test_model(opts, device)
+        model, epoch = load_test_model(opts, device, plan)
         model_old = trainer_state = None
     else:
-        model, model_old, trainer_state = build_train_models(opts, device, loaders[0])
+        model, model_old, trainer_state = build_train_models(opts, device, loaders[0], plan)
 
     # Everything was checked: only now create the output folders and the logger.
     if dist_utils.is_main_process():
-        for directory, flag in (
-            (Path(opts.checkpoint), "--checkpoint"),
-            (Path(opts.results_dir), "--results_dir"),
-            (log_directory(opts), "--logdir"),
-        ):
+        folders = [(Path(opts.results_dir), "--results_dir"), (log_directory(opts), "--logdir")]
+        if not opts.test:
+            folders.insert(0, (Path(opts.checkpoint), "--checkpoint"))
+        for directory, flag in folders:
             ensure_writable(directory, flag)
     dist_utils.barrier()
     log = Logger(
         log_directory(opts), rank=info.rank, debug=opts.debug, summary=opts.visualize, step=opts.step
     )
     try:
-        if dist_utils.is_main_process():
-            save_options(opts, log_directory(opts) / "opts.json")
+        on_main(lambda: write_options(opts, info, plan))
+        for note in plan.notes:
+            log.info(f"[!] {note}")
         log_setup(opts, info, bundle, log)
         # Point clouds: a (B, N) label batch is B samples.
         metrics = StreamSegMetrics(
             bundle.n_classes, device=device, sample_ndim=1 if is_point_cloud(opts) else 2
         )
         if opts.test:
-            log.info(f"*** Model restored from {ckpt_path} (epoch {epoch})")
+            log.info(f"*** Model restored from {plan.test_path} (epoch {epoch})")
             trainer = Trainer(model, None, device, opts, None, None, opts.step)
+            progress.phase = "evaluation"
             _, score, _ = trainer.validate(loaders[1], metrics)
             best_epoch = epoch
         else:
-            score, best_epoch = train_step(opts, info, model, model_old, trainer_state, loaders, metrics, log)
+            score, best_epoch = train_step(
+                opts, info, model, model_old, trainer_state, loaders, metrics, log, plan, progress
+            )
+            progress.phase = "finishing"
         finish_step(opts, score, best_epoch, log)
+        if not opts.test:
+            # Only now is the step finished: the resumable state goes once the row is written.
+            on_main(lambda: remove_resumable_state(opts, log))
+    except StopRequested as stop:
+        log.to_file(stop_message(stop.signum, progress))
+        raise
     finally:
         log.close()
+
+
+def write_options(opts: Any, info: dist_utils.DistInfo, plan: StepPlan) -> None:
+    """``opts.json`` (``opts_test.json`` for --test): the resolved options this run used, and under ``run``
+    the number of processes, the device and what it resumed from."""
+    path = options_file(opts)
+    record = {
+        **vars(opts),
+        "run": {
+            "world_size": info.world_size,
+            "device": str(info.device),
+            "resumed_from": str(plan.resume_path) if plan.resume_path else None,
+            "resumed_at_epoch": int(plan.resume["epoch"]) if plan.resume is not None else None,
+            "evaluated": str(plan.test_path) if plan.test_path else None,
+        },
+    }
+    try:
+        save_options(record, path)
+    except OSError as err:
+        raise OutputError(
+            f"Could not write {path}: {describe_os_error(err)}. Nothing was trained yet."
+        ) from err
+
+
+def remove_resumable_state(opts: Any, log: Logger) -> None:
+    path = last_epoch_checkpoint_path(opts)
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as err:
+        log.warning(f"Could not remove {path} ({describe_os_error(err)}); the step is finished anyway.")
 
 
 def log_setup(opts: Any, info: dist_utils.DistInfo, bundle: Any, log: Logger) -> None:
@@ -589,7 +889,7 @@ def log_setup(opts: Any, info: dist_utils.DistInfo, bundle: Any, log: Logger) ->
 
 
 def build_train_models(
-    opts: Any, device: torch.device, train_loader: DataLoader
+    opts: Any, device: torch.device, train_loader: DataLoader, plan: StepPlan
 ) -> tuple[nn.Module, nn.Module | None, dict | None]:
     model = build_model(opts, opts.step, device)
     if opts.fix_bn:
@@ -597,7 +897,7 @@ def build_train_models(
     if opts.step == 0:
         return model, None, None
     model_old = build_model(opts, opts.step - 1, device, pretrained=False)
-    trainer_state = load_previous_step(opts, model, model_old, train_loader, device)
+    trainer_state = load_previous_step(opts, model, model_old, train_loader, device, plan.previous)
     # The old model is frozen for good: eval mode (running statistics), no gradients, never DDP-wrapped.
     model_old.requires_grad_(False)
     model_old.eval()
@@ -613,6 +913,8 @@ def train_step(
     loaders: tuple[DataLoader, DataLoader],
     metrics: StreamSegMetrics,
     log: Logger,
+    plan: StepPlan,
+    progress: RunProgress,
 ) -> tuple[dict, int]:
     device = info.device
     optimizer = build_optimizer(opts, model)
@@ -623,52 +925,79 @@ def train_step(
             model, device_ids=[info.local_rank] if device.type == "cuda" else None
         )
     classes = tasks.get_per_task_classes(opts.dataset, opts.task, opts.step)
-    trainer = Trainer(wrapped, model_old, device, opts, trainer_state, classes, opts.step)
-    state, saved_rng = resume(opts, model, optimizer, scheduler, trainer, log)
+    # The previous step's trainer_state (regulariser importances) is read while the Trainer is built.
+    source = str(previous_step_path(opts)) if opts.step > 0 else "the previous step's checkpoint"
+    with loading_entry(source, "trainer_state") if trainer_state is not None else contextlib.nullcontext():
+        trainer = Trainer(wrapped, model_old, device, opts, trainer_state, classes, opts.step)
+    state, saved_rng = resume(opts, model, optimizer, scheduler, trainer, log, plan)
+    state.provenance = make_provenance(opts, info.world_size, plan)
+    plan.resume = plan.previous = None  # loaded into the models: free the checkpoints' memory
     log.add_table("Opts", vars(opts))
     # Reference behaviour (§7.2 step 8): the reference draws (and prints) one torch random number here.
     log.debug(f"Random draw {torch.randint(0, 100, (1, 1)).item()}")
     trainer.before(loaders[0], logger=log)
     if saved_rng is not None and len(saved_rng) == info.world_size:
-        set_rng_state(saved_rng[info.rank])
+        with loading_entry(str(plan.resume_path), "rng_state"):
+            set_rng_state(saved_rng[info.rank])
 
-    score = fit(opts, trainer, model, optimizer, scheduler, loaders, metrics, state, log)
-    dist_utils.barrier()
-    if dist_utils.is_main_process():
-        last_epoch_checkpoint_path(opts).unlink(missing_ok=True)
+    score = fit(opts, trainer, model, optimizer, scheduler, loaders, metrics, state, log, progress)
     return score, state.best_epoch
 
 
-def load_test_model(opts: Any, device: torch.device) -> tuple[nn.Module, Path, int]:
-    """--test: the model of this step with --ckpt (or this step's default checkpoint) loaded (§7.5)."""
+def load_test_model(opts: Any, device: torch.device, plan: StepPlan) -> tuple[nn.Module, int]:
+    """--test: the model of this step with the checked checkpoint of the plan loaded (§7.5)."""
     model = build_model(opts, opts.step, device, pretrained=False)
-    path = Path(opts.ckpt) if opts.ckpt else step_checkpoint_path(opts, opts.step)
-    checkpoint = load_checkpoint(path)
-    if "model_state" not in checkpoint:
-        raise CheckpointError(
-            f"{path} has no 'model_state' entry (keys: {sorted(checkpoint)[:8]}); it is not a model "
-            "checkpoint of this framework or of the LGKD/PLOP reference."
-        )
-    load_model_state(model, checkpoint["model_state"], strict=True, source=str(path))
-    return model, path, int(checkpoint.get("epoch", 0))
+    checkpoint = plan.test_model or {}
+    load_model_state(model, checkpoint["model_state"], strict=True, source=str(plan.test_path))
+    with loading_entry(str(plan.test_path), "epoch"):
+        epoch = int(checkpoint.get("epoch", 0))
+    return model, epoch
+
+
+def is_rank0() -> bool:
+    return dist_utils.get_rank() == 0 if dist_utils.is_dist_avail_and_initialized() else launch_rank() == 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python run.py ...``: 0 on success, 2 for bad input (UserError), 3 when training diverged."""
+    """``python run.py ...``: 0 on success (or nothing to do), 2 for bad input or an output that cannot be
+    written (UserError), 3 when training diverged, 128 + N when stopped by signal N (130 Ctrl-C, 143
+    SIGTERM)."""
     opts, explicit = parse_command_line(argv)
+    progress = RunProgress()
+    # Signal handlers can only be installed from the main thread (a caller may run main() elsewhere).
+    previous = install_stop_handlers() if threading.current_thread() is threading.main_thread() else None
     finished = False
     try:
         validate_options(opts, explicit)
-        run_step(opts)
+        run_step(opts, progress)
         finished = True
+    except StopRequested as stop:
+        return report_stop(stop.signum, progress)
     except (UserError, TrainingError) as err:
+        if received_signal() is not None:
+            return report_stop(received_signal(), progress)
         # One paragraph naming the problem and the fix, no traceback; printed once, by rank 0.
-        if dist_utils.is_main_process():
+        if is_rank0():
             print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except BaseException:
+        # Anything raised while a stop signal unwinds the run (a DataLoader worker killed by the same
+        # SIGTERM, a collective whose peer left) is the stop, not a bug to report.
+        if received_signal() is not None:
+            return report_stop(received_signal(), progress)
+        raise
     finally:
-        dist_utils.cleanup(synchronize=finished)
+        with contextlib.suppress(StopRequested):
+            dist_utils.cleanup(synchronize=finished)
+        if previous is not None:
+            restore_handlers(previous)
     return 0
+
+
+def report_stop(signum: int, progress: RunProgress) -> int:
+    if is_rank0():
+        print(stop_message(signum, progress), file=sys.stderr, flush=True)
+    return 128 + signum
 
 
 if __name__ == "__main__":

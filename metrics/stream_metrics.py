@@ -183,7 +183,8 @@ class StreamSegMetrics:
         present = gt_sum != 0
         total = hist.sum()
         with np.errstate(divide="ignore", invalid="ignore"):
-            # Empty matrix: Overall/Mean/FreqW are nan, as in the reference (a warning-free nan here).
+            # Empty matrix (every pixel ignored): Overall Acc, Mean Acc and Mean IoU are nan as in the
+            # reference (warning-free here); FreqW Acc is the reference's sum over no class, 0.0.
             overall_acc = diag.sum() / total
             acc_cls = diag / (gt_sum + EPS)
             iou = diag / (gt_sum + pred_sum - diag + EPS)
@@ -191,7 +192,7 @@ class StreamSegMetrics:
             mean_acc = acc_cls[present].mean() if present.any() else np.float64(np.nan)
             mean_iou = iou[present].mean() if present.any() else np.float64(np.nan)
             freq_pos = freq > 0
-            fwavacc = (freq[freq_pos] * iou[freq_pos]).sum() if total > 0 else np.float64(np.nan)
+            fwavacc = (freq[freq_pos] * iou[freq_pos]).sum()  # freq is nan when empty: a sum over nothing
             normalised = hist / (gt_sum[:, None] + EPS)
         class_iou = {c: (iou[c] if present[c] else ABSENT) for c in range(self.n_classes)}
         class_acc = {c: (acc_cls[c] if present[c] else ABSENT) for c in range(self.n_classes)}

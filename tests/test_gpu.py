@@ -206,13 +206,6 @@ def test_loss_scaled_step_skips_an_overflowing_step(device: torch.device) -> Non
     check_overflowing_step_is_skipped(device)
 
 
-@pytest.mark.xfail(
-    reason="PyTorch's fused SGD allocates the momentum buffers with empty_like on the first step; when "
-    "GradScaler skips that step (overflow, common at the initial scale 2**16) they stay uninitialised and "
-    "the next step uses them as momentum. Fix in run.build_optimizer: create zero momentum buffers up "
-    "front (same numerics: the first step then sets buf = 0.9 * 0 + g = g).",
-    strict=False,
-)
 def test_training_after_an_overflowing_first_step_matches_a_clean_start(
     device: torch.device, sizes: dict, cpu_models: tuple
 ) -> None:

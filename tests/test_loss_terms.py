@@ -253,13 +253,65 @@ def test_lgkd_term_uses_small_logits_and_label_at_stride():
     assert downsample_labels(labels[:, :31, :31], 16, (2, 2)).shape == (1, 2, 2)
 
 
+def test_lgkd_term_with_a_single_novel_pixel_on_the_label_grid():
+    """Exactly one novel pixel on the 1/16 grid of a two-image batch (many more off the grid): the
+    reference's LGKD crashes there under current torch ("refer to a single memory location"); kept working
+    here, with the value of an ordinary novel pixel, and it backpropagates."""
+    labels = torch.zeros(2, 32, 32, dtype=torch.long)
+    labels[0, 1:16, 1:16] = 2  # novel, but never sampled: the grid is label[16 i, 16 j]
+    labels[1, 16:, 16:] = 2  # one grid point, (1, 1) of image 1
+    small = downsample_labels(labels, 16, (2, 2))
+    assert (small == 2).sum().item() == 1 and small[1, 1, 1].item() == 2
+    torch.manual_seed(0)
+    z_small = torch.randn(2, 3, 2, 2, requires_grad=True)
+    z_old_small = torch.randn(2, 2, 2, 2)
+    info = StepInfo.from_classes(1, [2, 1], 3, "voc")
+    term = OutputKDTerm.from_opts(
+        make_opts("--lgkd", "--loss_kd", "1", "--prev_kd", "5", "--novel_kd", "1"), info, 16
+    )
+    batch = StepBatch(
+        torch.zeros(2),
+        labels,
+        labels,
+        outputs=torch.randn(2, 3, 32, 32),
+        features={"sem_logits_small": z_small},
+        outputs_old=torch.randn(2, 2, 32, 32),
+        features_old={"sem_logits_small": z_old_small},
+    )
+    value = term(batch)
+    # By hand: 7 previous pixels (weight 5) and the novel one (weight 1) with q̃ = [0, q_1, q_0].
+    log_p = torch.log_softmax(z_small.detach(), dim=1)
+    q = torch.softmax(z_old_small, dim=1)
+    total = 0.0
+    for b in range(2):
+        for i in range(2):
+            for j in range(2):
+                if small[b, i, j] == 2:
+                    target = torch.stack([torch.tensor(0.0), q[b, 1, i, j], q[b, 0, i, j]])
+                    total -= 1.0 * (target * log_p[b, :, i, j]).sum().item()
+                else:
+                    total -= 5.0 * (q[b, :, i, j] * log_p[b, :2, i, j]).sum().item()
+    assert math.isclose(value.item(), total / 8, rel_tol=1e-6)
+    value.backward()
+    assert torch.isfinite(z_small.grad).all() and z_small.grad[1, :, 1, 1].abs().sum() > 0
+
+
 def test_icarl_and_entmin_terms():
     # iCaRL: zero logits, old logits 0 -> BCE(0, 1/2) = ln 2 per element; x importance x C_old.
     z, z_old = torch.zeros(1, 3, 1, 1), torch.zeros(1, 2, 1, 1)
     labels = torch.zeros(1, 1, 1, dtype=torch.long)
     batch = StepBatch(torch.zeros(1), labels, labels, z, outputs_old=z_old)
     assert math.isclose(ICaRLTerm(10.0)(batch).item(), 10 * 2 * LN2, rel_tol=1e-6)
-    assert ICaRLTerm(10.0).validation_loss(batch) is None
+    # Validation: the reference adds the *weighted* term to the reg loss (LWF-MC logged 0 here before).
+    assert math.isclose(ICaRLTerm(10.0).validation_loss(batch).item(), 10 * 2 * LN2, rel_tol=1e-6)
+    assert ICaRLTerm(10.0).validation_loss(StepBatch(torch.zeros(1), labels, labels, z)) is None
+    # Old logits [0, ln 3] -> sigmoid [1/2, 3/4]; new logits [ln 3, 0, 5] (the new class is not used):
+    # BCE(ln 3, 1/2) = ln 4 - ln 3 / 2, BCE(0, 3/4) = ln 2; mean over C_old = 2 classes, x 2 x 10.
+    z = torch.tensor([math.log(3), 0.0, 5.0]).view(1, 3, 1, 1)
+    z_old = torch.tensor([0.0, math.log(3)]).view(1, 2, 1, 1)
+    batch = StepBatch(torch.zeros(1), labels, labels, z, outputs_old=z_old)
+    expected = 10 * 2 * ((math.log(4) - math.log(3) / 2) + LN2) / 2
+    assert math.isclose(ICaRLTerm(10.0).validation_loss(batch).item(), expected, rel_tol=1e-6)
     # Entropy min: uniform over 4 channels -> E = 1/4 on unlabelled pixels; image without such pixels -> 0.
     labels = torch.tensor([[[0, 3]], [[2, 255]]])
     batch = StepBatch(torch.zeros(1), labels, labels, torch.zeros(2, 4, 1, 2))

@@ -169,6 +169,48 @@ def test_knowledge_distillation_hand_values():
     assert close(KnowledgeDistillationLoss(reduction="sum")(new_logits(), old_logits(), mask=mask), p0)
 
 
+def test_knowledge_distillation_kd_cil_weights_one_image():
+    # w = 1 + H(softmax(z_old)): pixel 0 H([1/2, 1/2]) = ln 2; pixel 1 H([1/4, 3/4]).
+    p0 = LN2 / 2
+    p1 = -(0.25 * math.log(3 / 4) + 0.75 * math.log(1 / 4)) / 2
+    w0 = 1 + LN2
+    w1 = 1 - (0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    loss = KnowledgeDistillationLoss(kd_cil_weights=True)
+    # Value of the reference's KnowledgeDistillationLoss(kd_cil_weights=True) on this case: 0.7275891.
+    assert close(loss(new_logits(), old_logits()), (w0 * p0 + w1 * p1) / 2)
+    assert close(loss(new_logits(), old_logits()), 0.7275891, tol=1e-6)
+    none = KnowledgeDistillationLoss(reduction="none", kd_cil_weights=True)(new_logits(), old_logits())
+    assert none.shape == (1, 1, 1, 2) and close(none, [[[[w0 * p0, w1 * p1]]]])
+    # The weights use the old logits without alpha.
+    p1_alpha = -(0.1 * math.log(3 / 4) + 0.9 * math.log(1 / 4)) / 2
+    weighted_alpha = KnowledgeDistillationLoss(alpha=2.0, kd_cil_weights=True)(new_logits(), old_logits())
+    assert close(weighted_alpha, (w0 * p0 + w1 * p1_alpha) / 2)
+
+
+def test_knowledge_distillation_kd_cil_weights_broadcast_over_the_batch():
+    """Reference behaviour: w[:, None] (B, 1, H, W) times the (B, H, W) loss is a (B, B, H, W) tensor."""
+    z = torch.cat([new_logits(), new_logits().flip(-1)])  # (2, 3, 1, 2)
+    z_old = torch.cat([old_logits(), 2 * old_logits().flip(-1)])  # (2, 2, 1, 2)
+    plain = KnowledgeDistillationLoss(reduction="none")(z, z_old)  # (2, 1, 2): -mean_c q l
+    log_old = torch.log_softmax(z_old, dim=1)
+    w = 1 - (log_old.exp() * log_old).sum(dim=1)  # (2, 1, 2)
+    none = KnowledgeDistillationLoss(reduction="none", kd_cil_weights=True)(z, z_old)
+    assert none.shape == (2, 2, 1, 2)
+    for i in range(2):
+        for j in range(2):
+            assert close(none[i, j], w[i] * plain[j])
+    loss = KnowledgeDistillationLoss(kd_cil_weights=True)
+    assert close(loss(z, z_old), none.mean())
+    # Values of the reference's loss on this case (mean, sum, and alpha 2 with a mask).
+    assert close(loss(z, z_old), 0.7387565, tol=1e-6)
+    assert close(
+        KnowledgeDistillationLoss(reduction="sum", kd_cil_weights=True)(z, z_old), 5.9100518, tol=1e-5
+    )
+    mask = torch.tensor([[[1.0, 0.0]], [[1.0, 1.0]]])
+    masked = KnowledgeDistillationLoss(alpha=2.0, kd_cil_weights=True)(z, z_old, mask=mask)
+    assert close(masked, 0.5307702, tol=1e-6)
+
+
 def test_unbiased_knowledge_distillation_hand_values():
     # Pixel 0: p̃_bg = (1 + 2)/4, p̃_1 = 1/4, q = [1/2, 1/2]: l = -(1/2)(ln(3/4)/2 + ln(1/4)/2).
     # Pixel 1: p̃_bg = (3 + 1)/5, p̃_1 = 1/5, q = [1/4, 3/4]: l = -(1/2)(ln(4/5)/4 + 3 ln(1/5)/4).
@@ -231,6 +273,51 @@ def test_lgkd_previous_and_novel_pixels():
     # Labels may come as (B, 1, H, W) floats (F.interpolate output).
     as_float = labels(0, 2)[:, None].float()
     assert close(loss(new_logits(), old_logits(), as_float), (10 * s0 + 2 * s1) / 2)
+
+
+def test_lgkd_reduction_none_is_the_reference_vector_previous_pixels_first():
+    # Two images, the second one with its pixels swapped; labels [[2, 0], [0, 2]] (C_old = 2).
+    z = torch.cat([new_logits(), new_logits().flip(-1)])  # (2, 3, 1, 2)
+    z_old = torch.cat([old_logits(), old_logits().flip(-1)])  # (2, 2, 1, 2)
+    y = torch.tensor([[[2, 0]], [[0, 2]]])
+    # Previous pixels (image 0 pixel 1, image 1 pixel 0): q = [1/4, 3/4, 0] on softmax [3/5, 1/5, 1/5].
+    prev = -10 * (0.25 * math.log(3 / 5) + 0.75 * math.log(1 / 5))
+    # Novel pixels (image 0 pixel 0, image 1 pixel 1): q̃ = [0, 1/2, 1/2] on softmax [1/4, 1/4, 1/2].
+    novel = 2 * 1.5 * LN2
+    none = LabelGuidedKnowledgeDistillationLoss(reduction="none")(z, z_old, y)
+    assert none.shape == (4,)
+    assert close(none, [prev, prev, novel, novel])
+    # The reference's output on this case.
+    assert close(none, [13.3478, 13.3478, 2.0794, 2.0794], tol=1e-4)
+    mean = LabelGuidedKnowledgeDistillationLoss()(z, z_old, y)
+    assert close(mean, none.mean()) and close(mean, 7.7136, tol=1e-4)
+    assert close(LabelGuidedKnowledgeDistillationLoss(reduction="sum")(z, z_old, y), 30.8546, tol=1e-4)
+    # Ignored pixels are left out; an old class counts as previous, in (b, h, w) order with the others.
+    y_ignore = torch.tensor([[[2, 255]], [[1, 2]]])
+    none_ignore = LabelGuidedKnowledgeDistillationLoss(reduction="none")(z, z_old, y_ignore)
+    assert close(none_ignore, [13.3478, 2.0794, 2.0794], tol=1e-4)
+    # The same values as a (B, H, W) map, 0 where ignored.
+    loss_map = LabelGuidedKnowledgeDistillationLoss(reduction="none").loss_map(z, z_old, y_ignore)
+    assert loss_map.shape == (2, 1, 2) and loss_map[0, 0, 1] == 0
+    assert close(loss_map, [[[novel, 0.0]], [[prev, novel]]])
+
+
+def test_lgkd_a_single_novel_pixel():
+    """One novel pixel in the batch: the reference's in-place index assignment crashes under current torch
+    ("refer to a single memory location"); here it is an ordinary novel pixel."""
+    z = torch.cat([new_logits(), new_logits().flip(-1)])
+    z_old = torch.cat([old_logits(), old_logits().flip(-1)])
+    y = torch.tensor([[[0, 0]], [[0, 2]]])
+    prev_0 = -10 * (-2 * LN2)  # image 0 pixel 0: q = [1/2, 1/2, 0], l = [ln 1/4, ln 1/4, ln 1/2]
+    prev_1 = -10 * (0.25 * math.log(3 / 5) + 0.75 * math.log(1 / 5))
+    novel = 2 * 1.5 * LN2
+    loss = LabelGuidedKnowledgeDistillationLoss()
+    assert close(loss(z, z_old, y), (prev_0 + 2 * prev_1 + novel) / 4)
+    none = LabelGuidedKnowledgeDistillationLoss(reduction="none")(z, z_old, y)
+    assert close(none, [prev_0, prev_1, prev_1, novel])
+    # Only one pixel at all, and it is novel.
+    one = loss(new_logits()[..., :1], old_logits()[..., :1], labels(2))
+    assert close(one, novel)
 
 
 def test_lgkd_no_novel_pixels_old_label_is_previous():

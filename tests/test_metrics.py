@@ -181,6 +181,24 @@ def test_empty_metrics_give_nan_without_warnings() -> None:
     assert res["Class IoU"] == {0: "X", 1: "X", 2: "X"}
 
 
+def test_every_pixel_ignored_gives_the_reference_results_and_text() -> None:
+    """FreqW Acc is the reference's sum over no class, 0.0 (not nan); the others are nan."""
+    metrics = StreamSegMetrics(3)
+    metrics.update(np.full((2, 2, 3), 255, dtype=np.uint8), np.zeros((2, 2, 3), dtype=np.int64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = metrics.get_results()
+    assert res["FreqW Acc"] == 0.0
+    assert all(np.isnan(res[k]) for k in ("Overall Acc", "Mean Acc", "Mean IoU"))
+    # The reference's StreamSegMetrics.to_str on the same batch, character for character.
+    expected = (
+        "\nTotal samples: 2.000000\nOverall Acc: nan\nMean Acc: nan\nFreqW Acc: 0.000000\nMean IoU: nan\n"
+        "Class IoU:\n\tclass 0: X\n\tclass 1: X\n\tclass 2: X\n"
+        "Class Acc:\n\tclass 0: X\n\tclass 1: X\n\tclass 2: X\n"
+    )
+    assert StreamSegMetrics.to_str(res) == expected
+
+
 def test_synch_is_identity_with_one_process_and_runs_once(filled: StreamSegMetrics) -> None:
     before = filled.get_results()
     filled.synch()

@@ -137,10 +137,13 @@ def test_lgkd_per_point_hand_value():
     logits = torch.tensor([[[0.0, math.log(3)], [0.0, 0.0], [math.log(2), 0.0]]])  # (1, 3, 2)
     old = torch.tensor([[[0.0, 0.0], [0.0, math.log(3)]]])  # (1, 2, 2)
     labels = torch.tensor([[0, 2]])
-    loss = LabelGuidedKnowledgeDistillationLoss("none", prev_kd=1, novel_kd=1)(logits, old, labels)
+    criterion = LabelGuidedKnowledgeDistillationLoss("none", prev_kd=1, novel_kd=1)
     # Point 0: q = [1/2, 1/2, 0], p = [1/4, 1/4, 1/2] -> ln 4. Point 1: q = [1/4, 3/4] moved to
     # [0, 3/4, 1/4], p = [3/5, 1/5, 1/5] -> ln 5.
-    torch.testing.assert_close(loss, torch.tensor([[math.log(4), math.log(5)]]))
+    expected = torch.tensor([[math.log(4), math.log(5)]])  # (B, N)
+    torch.testing.assert_close(criterion.loss_map(logits, old, labels), expected)
+    # reduction="none": the reference's 1-D layout, previous points first, then novel ones.
+    torch.testing.assert_close(criterion(logits, old, labels), torch.tensor([math.log(4), math.log(5)]))
 
 
 # --- terms, pseudo-labels, thresholds -------------------------------------------------------------------

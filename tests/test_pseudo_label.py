@@ -78,6 +78,23 @@ def test_median_float_bin_index_error():
     assert math.isclose(_approximate_medians(hist, 100)[0].item(), 0.292, rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("spread", [0.0, 1.0, 4.0, 30.0], ids=["uniform", "unsure", "mixed", "confident"])
+def test_entropy_thresholds_are_degenerate_whatever_the_data(spread):
+    """Reference behaviour kept on purpose (docs/reference-notes.md#rn-05): with the channel-mean entropy
+    divided again by ln C_new, every value of VOC 15 -> 16 lies in [0, 1/(16 ln 17)] ~ [0, 0.022], i.e. the
+    first 3 of 100 bins, and the per-class thresholds of the predicted classes land between 0.005 (every
+    pixel in bin 0) and about 0.025 (bin 2), from a one-hot to a uniform old model."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.zeros(4, 3, 16, 16)
+    labels = torch.zeros(4, 16, 16, dtype=torch.long)
+    logits = spread * torch.randn(4, 16, 16, 16, generator=generator)  # (B, C_old = 16, H, W)
+    thresholds, max_value = find_median([(images, labels)], lambda _: logits, "cpu", 17, "entropy", 0.001)
+    assert max_value == pytest.approx(math.log(17))
+    assert 1 / (16 * math.log(17)) < 0.0221
+    predicted = thresholds[logits.argmax(dim=1).unique()]
+    assert ((predicted >= 0.005) & (predicted <= 0.026)).all(), thresholds
+
+
 def test_median_mode_and_nb_bins_override():
     assert median_mode("entropy") == "entropy"
     assert median_mode("median") == "probability"

@@ -238,3 +238,53 @@ def test_smoke_script_dry_run_parses(tmp_path: Path) -> None:
         opts = modify_command_options(get_argparser().parse_args(args))
         validate_options(opts)
         assert (opts.method, opts.task, opts.overlap) == ("LGKD", "15-5s", True)
+
+
+# --- docs/reference-notes.md: the page the code's comments cite -----------------------------------------
+
+NOTES = ROOT / "docs" / "reference-notes.md"
+NOTE_ROW = re.compile(r'^\| <a id="(rn-\d{2})"></a>RN-(\d{2}) \|')
+
+
+def note_rows() -> list[tuple[str, list[str]]]:
+    """(anchor, cells) of every row of the table."""
+    rows = []
+    for line in NOTES.read_text(encoding="utf-8").splitlines():
+        match = NOTE_ROW.match(line)
+        if match:
+            assert match.group(1) == f"rn-{match.group(2)}", line[:40]
+            cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+            rows.append((match.group(1), cells))
+    return rows
+
+
+def test_reference_notes_is_one_table_with_stable_anchors() -> None:
+    rows = note_rows()
+    anchors = [anchor for anchor, _ in rows]
+    # Numbered without gaps and each once: code cites them as docs/reference-notes.md#rn-NN.
+    assert anchors == [f"rn-{i:02d}" for i in range(1, len(rows) + 1)] and len(rows) >= 30
+    header = "| ID | Status | What | Why | Effect on numbers | Where to check in the reference |"
+    assert header in NOTES.read_text(encoding="utf-8")
+    statuses = {"kept", "fixed", "works", "refused", "changed", "added"}
+    effects = ("none", "logged values only", "training", "evaluation")
+    for anchor, cells in rows:
+        assert len(cells) == 6 and all(cells), f"{anchor}: {len(cells)} cells, or an empty one"
+        assert set(re.split(r" / ", cells[1])) <= statuses, f"{anchor}: status {cells[1]!r}"
+        assert cells[4].startswith(effects), f"{anchor}: effect {cells[4]!r}"
+        assert ".py`" in cells[5] or ".sh`" in cells[5] or "inplace_abn" in cells[5], (
+            f"{anchor}: {cells[5]!r}"
+        )
+    assert "(docs/reference-notes.md)" in readme_text()
+
+
+def test_code_citations_of_the_notes_exist() -> None:
+    """Every ``reference-notes.md#rn-NN`` (or ``RN-NN``) cited in the code names a row of the table."""
+    anchors = {anchor for anchor, _ in note_rows()}
+    cited = {}
+    for path in ROOT.rglob("*"):
+        if path.suffix not in (".py", ".sh", ".md") or ".venv" in path.parts or path == NOTES:
+            continue
+        for match in re.finditer(r"reference-notes\.md#(rn-\d{2})|\bRN-(\d{2})\b", path.read_text("utf-8")):
+            cited.setdefault(match.group(1) or f"rn-{match.group(2)}", path.relative_to(ROOT).as_posix())
+    unknown = {a: p for a, p in cited.items() if a not in anchors}
+    assert not unknown, f"citations of rows that do not exist: {unknown}"

@@ -132,6 +132,15 @@ def test_two_steps_torchrun_gloo(voc_root: Path, tmp_path: Path) -> None:
     run_cmd(args)
 
 
+def _saved_epochs(last_ckpt: Path) -> int:
+    """Finished epochs in a resumable checkpoint (0 if absent or being replaced). run.py writes it when
+    training starts (epoch 0), then after every epoch."""
+    try:
+        return int(torch.load(last_ckpt, weights_only=True, mmap=True)["epoch"])
+    except Exception:
+        return 0
+
+
 def _run_until_killed(args: list[str], last_ckpt: Path) -> None:
     """Start run.py, SIGKILL it as soon as the first epoch's resumable checkpoint exists."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
@@ -139,7 +148,7 @@ def _run_until_killed(args: list[str], last_ckpt: Path) -> None:
         [PY, "run.py", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 300
-    while not last_ckpt.exists():
+    while _saved_epochs(last_ckpt) < 1:
         assert proc.poll() is None, "run finished before it could be interrupted"
         assert time.time() < deadline
         time.sleep(0.05)
@@ -224,7 +233,7 @@ def test_torchrun_restarts_a_killed_worker_and_resumes(voc_root: Path, tmp_path:
     )
     last = tmp_path / "ckpt" / "15-5s-voc_elastic_0_last.pth"
     deadline = time.time() + 300
-    while not last.exists():
+    while _saved_epochs(last) < 1:
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
     pids = _worker_pids("elastic")

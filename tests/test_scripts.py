@@ -214,34 +214,40 @@ def test_extra_args_and_gpu_count(tmp_path):
 
 
 def test_real_run_order_with_fake_launcher(tmp_path):
-    """Without DRY_RUN: the results CSV is deleted first, one torchrun per step, then average_csv.py."""
+    """Without DRY_RUN: one torchrun per step, then average_csv.py. A rerun continues the experiment, so
+    the results CSV is kept (the reference deleted it first); FRESH=1 deletes it before the first step."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "calls.log"
     results = tmp_path / "results"
     results.mkdir()
     stale = results / f"{datetime.date.today().isoformat()}_voc_19-1_LGKD.csv"
-    stale.write_text("old rows\n")
     fake = bin_dir / "torchrun"
     fake.write_text(f'#!/usr/bin/env bash\necho "torchrun $* stale=$(ls {results} | wc -l)" >> {log}\n')
     fake.chmod(0o755)
     fake_python = bin_dir / "fakepython"
     fake_python.write_text(f'#!/usr/bin/env bash\necho "python $*" >> {log}\n')
     fake_python.chmod(0o755)
-    proc = run_script(
-        "voc/lgkd_19-1",
-        tmp_path,
-        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        NB_GPU="1",
-        RESULTS_DIR=str(results),
-        PYTHON=str(fake_python),
-    )
-    assert proc.returncode == 0, proc.stderr
-    calls = log.read_text().splitlines()
-    assert len(calls) == 3
-    assert all(call.startswith("torchrun ") and call.endswith("stale=0") for call in calls[:2])
-    assert f"--results_dir {results}" in calls[0]
-    assert calls[2] == f"python average_csv.py {stale}"
+    for fresh, expected_stale in (("0", "stale=1"), ("1", "stale=0")):
+        stale.write_text("old rows\n")
+        log.unlink(missing_ok=True)
+        proc = run_script(
+            "voc/lgkd_19-1",
+            tmp_path,
+            PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            NB_GPU="1",
+            RESULTS_DIR=str(results),
+            CHECKPOINT_DIR=str(tmp_path / "ckpt"),
+            PYTHON=str(fake_python),
+            FRESH=fresh,
+        )
+        assert proc.returncode == 0, proc.stderr
+        calls = log.read_text().splitlines()
+        assert len(calls) == 3
+        assert all(call.startswith("torchrun ") and call.endswith(expected_stale) for call in calls[:2])
+        assert f"--results_dir {results}" in calls[0]
+        assert f"--checkpoint {tmp_path / 'ckpt'}" in calls[0]
+        assert calls[2] == f"python average_csv.py {stale}"
 
 
 def test_pod_options_are_valid_json_in_scripts():

@@ -2,10 +2,15 @@
 
 * :func:`load_checkpoint` always uses ``torch.load(weights_only=True)``: a file that would need to run code to
   load is refused, never executed. Truncated or corrupt files give a :class:`CheckpointError` naming the file.
-* :func:`save_checkpoint` is atomic: an interrupted save never leaves a half-written checkpoint behind.
-* :func:`load_model_state` loads a state dict with or without the ``module.`` prefix of the reference's
-  DDP-wrapped checkpoints (§5.6) into an unwrapped model, after checking that the file is of the same task,
-  step and backbone.
+* :func:`save_checkpoint` is atomic: an interrupted save never leaves a half-written checkpoint behind, and a
+  failed write (disk full, name too long, permissions) is an :class:`OutputError` naming the path and the
+  errno, with the previous file intact.
+* :func:`check_entries` validates the top-level entries of a checkpoint (presence and value types) and
+  :func:`loading_entry` turns any error raised while loading one entry into a :class:`CheckpointError`
+  naming the file and the entry.
+* :func:`check_model_state` / :func:`load_model_state` check (and load) a state dict with or without the
+  ``module.`` prefix of the reference's DDP-wrapped checkpoints (§5.6) against an unwrapped model: same
+  task, step and backbone. The check also works against a model built on the ``meta`` device.
 * :func:`load_imagenet_weights` loads the inplace_abn ImageNet files (§5.7).
 """
 
@@ -14,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import pickletools
 import re
 import tempfile
 import warnings
+import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, TrainingError, UserError
+from utils.files import (
+    TEMP_SUFFIX,
+    describe_os_error,
+    output_error,
+    temp_prefix,
+)
 
 PREFIX = "module."
 IMAGENET_URL = "https://github.com/Ze-Yang/LGKD/releases/download/v1.0/resnet101_iabn_sync.pth.tar"
@@ -67,36 +80,119 @@ def _numpy_safe_globals() -> list[Any]:
     return allowed
 
 
-def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
+# Wordings of torch's weights-only unpickler (torch 2.0 .. 2.13) for content that is refused on purpose: a
+# global (class or function) that is not allow-listed, or an object it would have to build or call. The
+# group, when there is one, names the object.
+_DISALLOWED_PATTERNS = (
+    re.compile(r"GLOBAL (\S+) was not an allowed global"),  # torch >= 2.4
+    re.compile(r"unsupported GLOBAL (\S+) whose module \S+ is blocked"),  # torch >= 2.5 (os, subprocess, ...)
+    re.compile(r"Unsupported class (\S+)"),  # torch 2.0 .. 2.3
+    re.compile(r"Trying to call reduce for unrecognized function (.+?)(?: which belongs to|$)", re.MULTILINE),
+    re.compile(r"Can only create new object for .*? but got (\S+)"),
+    re.compile(r"Can only build .*? but got (\S+)"),
+    re.compile(r"Can only (?:append to|extend) lists, but got (\S+)"),
+    re.compile(r"Can only \w+ for dict, .*? but got (\S+)"),
+    re.compile(r"(\S+) must be imported to load"),
+)
+_UNSUPPORTED_OPERAND = re.compile(r"Unsupported operand (\d+)")
+
+
+def _well_formed_container(path: Path) -> bool:
+    """A zip archive (torch >= 1.6 format) or a file starting with a pickle PROTO header (legacy format)."""
+    try:
+        if zipfile.is_zipfile(path):
+            return True
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _disallowed_content(message: str, path: Path) -> str | None:
+    """What a weights-only ``UnpicklingError`` refused, or None if the message is not a refusal.
+
+    Returns a short description ("the Python object posix.system", "the pickle instruction FRAME"). An
+    "Unsupported operand N" is a refusal only if N is a real pickle opcode (one the safe unpickler does not
+    execute, e.g. STACK_GLOBAL or FRAME of pickle protocol 4+) in a well-formed file; random bytes of a
+    corrupt file are reported as corruption.
+    """
+    for pattern in _DISALLOWED_PATTERNS:
+        found = pattern.search(message)
+        if found:
+            return f"the Python object {found.group(1).strip()}"
+    if "Weights only load failed" in message and "blocked" in message:
+        return "a Python object from a blocked module"
+    operand = _UNSUPPORTED_OPERAND.search(message)
+    if operand:
+        opcode = pickletools.code2op.get(chr(int(operand.group(1))))
+        if opcode is not None and _well_formed_container(path):
+            return f"the pickle instruction {opcode.name}"
+    return None
+
+
+def _unsafe(path: Path, what: str, exc: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"Refused to load {path}: it contains code or objects that are not allowed ({what}). Loading it "
+        "would mean executing code, and checkpoints are always loaded with torch.load(weights_only=True), "
+        "which accepts only tensors, numbers, strings and containers. The file is not truncated or corrupt: "
+        "it was written with such objects (or with pickle protocol 4+ instructions). Use a checkpoint "
+        "written by this project or the reference; if you wrote and trust the file, re-save only its "
+        "tensors and numbers with torch.save (default protocol)."
+    )
+
+
+def _load_weights_only(path: Path, map_location: Any, mmap: bool) -> Any:
+    with torch.serialization.safe_globals(_numpy_safe_globals()), warnings.catch_warnings():
+        # Raised while torch guesses the format of a non-torch file; the error below says it better.
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError as exc:
+            # Files of torch < 1.6 (legacy format) cannot be memory-mapped: read them whole.
+            if mmap and "mmap can only be used with files saved with" in str(exc):
+                return torch.load(path, map_location=map_location, weights_only=True)
+            raise
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], map_location: Any = "cpu", mmap: bool = False
+) -> dict[str, Any]:
     """Load a torch-saved dict with ``weights_only=True``.
 
+    Args:
+        path: the file.
+        map_location: where tensors go (CPU by default, so CUDA checkpoints load anywhere).
+        mmap: memory-map the tensors instead of reading them (cheap inspection of a large file; falls back
+            to a plain read for legacy-format files).
+
     Raises:
-        CheckpointError: the file is missing, truncated/corrupt, not a dict, or would execute code when
-            loaded.
+        CheckpointError: the file is missing, a directory, unreadable, truncated/corrupt, not a dict, or
+            contains objects whose loading would execute code.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path} is a directory, not a checkpoint file. Pass the .pth file itself (e.g. "
+            f"{path}/{{task}}-{{dataset}}_{{name}}_{{step}}.pth), or use --checkpoint for the folder."
+        )
     if not path.is_file():
         raise CheckpointError(
             f"Checkpoint file {path} does not exist. Check the path (--ckpt, --step_ckpt or --checkpoint "
             "with --name/--task/--step), or run the previous step first so that it writes its checkpoint."
         )
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()), warnings.catch_warnings():
-            # Raised while torch guesses the format of a non-torch file; the error below says it better.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            obj = torch.load(path, map_location=map_location, weights_only=True)
+        obj = _load_weights_only(path, map_location, mmap)
     except pickle.UnpicklingError as exc:
-        message = str(exc)
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
-        if found:
-            raise CheckpointError(
-                f"Refused to load {path}: it contains a pickled Python object ({found.group(1)}) that could "
-                "only be loaded by executing code, and checkpoints are always loaded with "
-                "torch.load(weights_only=True). Use a checkpoint that holds only tensors, numbers, strings "
-                "and containers (as written by this project or the reference); if you wrote and trust the "
-                "file, re-save its tensors in such a dict."
-            ) from exc
+        what = _disallowed_content(str(exc), path)
+        if what is not None:
+            raise _unsafe(path, what, exc) from exc
         raise _corrupt(path, exc) from exc
+    except OSError as exc:
+        raise CheckpointError(
+            f"Cannot read {path}: {describe_os_error(exc)}. Check the file's permissions (and that its disk "
+            "is mounted), or copy it somewhere readable."
+        ) from exc
     except Exception as exc:  # zip/EOF/pickle-stack errors: any failure to parse the bytes
         if "deserialize object on a CUDA device" in str(exc):
             raise CheckpointError(
@@ -124,17 +220,53 @@ def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
     )
 
 
-def save_checkpoint(obj: Any, path: str | os.PathLike[str]) -> None:
+# ---------------------------------------------------------------------------------------------- writing
+class _ErrnoKeepingWriter:
+    """File wrapper for ``torch.save``: torch reports a failed write as a RuntimeError without the errno
+    ("unexpected pos ..."); this keeps the original OSError so the user learns the real cause."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike[str], hint: str = "") -> None:
     """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``.
 
-    A crash or a full disk never leaves a truncated ``path``; the temporary file is removed on failure.
+    A crash, a signal or a full disk never leaves a truncated ``path``; the temporary file is removed on
+    failure.
+
+    Args:
+        obj: what to save.
+        path: the checkpoint file.
+        hint: appended to the error message of a failed write (e.g. how to resume).
+
+    Raises:
+        OutputError: the file could not be written (its ``errno`` is the system's); ``path`` is unchanged.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp_name: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            writer = _ErrnoKeepingWriter(handle)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
             handle.flush()
             os.fsync(handle.fileno())
         # mkstemp creates the file owner-only; checkpoints are shared like any other output (umask applies).
@@ -142,8 +274,20 @@ def save_checkpoint(obj: Any, path: str | os.PathLike[str]) -> None:
         os.umask(umask)
         os.chmod(tmp_name, 0o666 & ~umask)
         os.replace(tmp_name, path)
+    except OSError as err:
+        if tmp_name is not None:
+            _remove_quietly(tmp_name)
+        if isinstance(err, UserError):
+            raise
+        kept = (
+            f"The previous {path.name} is intact."
+            if path.is_file()
+            else f"Nothing was written to {path.name}."
+        )
+        raise output_error("the checkpoint", path, err, kept, hint) from err
     except BaseException:
-        _remove_quietly(tmp_name)
+        if tmp_name is not None:
+            _remove_quietly(tmp_name)
         raise
     # Persist the rename itself (POSIX); not possible on every platform/filesystem.
     try:
@@ -160,6 +304,128 @@ def save_checkpoint(obj: Any, path: str | os.PathLike[str]) -> None:
 def _remove_quietly(name: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(name)
+
+
+# ---------------------------------------------------------------------------------------------- entries
+_NUMBER = (int, float, np.integer, np.floating)
+# Top-level entries this project reads, with the value types it can use. Checkpoints of the reference have
+# epoch, model_state, optimizer_state, scheduler_state, best_score and trainer_state; the others are this
+# project's additions. Unknown entries are ignored.
+ENTRY_TYPES: dict[str, tuple[type, ...]] = {
+    "epoch": (int, np.integer),
+    "model_state": (Mapping,),
+    "optimizer_state": (Mapping,),
+    "scheduler_state": (Mapping,),
+    "best_score": (*_NUMBER, torch.Tensor),
+    "trainer_state": (Mapping, type(None)),
+    "scaler_state": (Mapping, type(None)),
+    "best_epoch": (int, np.integer),
+    "test_scores": (Mapping,),
+    "rng_state": (list, tuple, type(None)),
+    "world_size": (int, np.integer),
+    "options": (Mapping,),
+    "run_id": (str, type(None)),
+    "previous_step": (str, type(None)),
+    "score": (Mapping, type(None)),
+}
+# What each use needs.
+MODEL_ENTRIES = ("model_state",)
+RESUME_ENTRIES = ("epoch", "model_state", "optimizer_state", "scheduler_state")
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    names = {Mapping: "dict", type(None): "None", np.integer: "int", np.floating: "float"}
+    names[torch.Tensor] = "tensor"
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+
+
+def check_entries(ckpt: Mapping[str, Any], required: Iterable[str], source: str, fix: str) -> None:
+    """Check that ``ckpt`` has the ``required`` entries and that every known entry has a usable type.
+
+    Args:
+        ckpt: a loaded checkpoint dict.
+        required: entries this use needs (e.g. :data:`RESUME_ENTRIES`).
+        source: how to name the file.
+        fix: the sentence telling the user what to do instead.
+
+    Raises:
+        CheckpointError: an entry is missing or of another type (booleans are not numbers here).
+    """
+    missing = [key for key in required if key not in ckpt]
+    wrong = [
+        f"'{key}' is a {type(ckpt[key]).__name__} (expected {_type_names(types)})"
+        for key, types in ENTRY_TYPES.items()
+        if key in ckpt and (not isinstance(ckpt[key], types) or isinstance(ckpt[key], bool))
+    ]
+    if not missing and not wrong:
+        return
+    problems = []
+    if missing:
+        entries = "entry" if len(missing) == 1 else "entries"
+        problems.append(f"it has no {', '.join(repr(k) for k in missing)} {entries}")
+    problems += wrong
+    raise CheckpointError(
+        f"{source} is not a checkpoint this run can use: {'; '.join(problems)} (its entries: "
+        f"{', '.join(sorted(map(str, ckpt))[:10])}). {fix}"
+    )
+
+
+def check_same_layout(expected: Mapping[str, Any], loaded: Any, source: str, entry: str) -> None:
+    """Check a saved sub-state against the state this run's object would save (same keys, compatible value
+    types), for objects whose ``load_state_dict`` accepts anything (learning-rate schedulers).
+
+    Raises:
+        CheckpointError: naming the file, the entry and the keys that differ.
+    """
+    if not isinstance(loaded, Mapping):
+        problems = [f"it is a {type(loaded).__name__}"]
+    else:
+        problems = [f"no {key!r}" for key in expected if key not in loaded]
+        problems += [
+            f"{key!r} is a {type(loaded[key]).__name__} (expected {type(value).__name__})"
+            for key, value in expected.items()
+            if key in loaded and not _compatible(value, loaded[key])
+        ]
+    if problems:
+        raise CheckpointError(
+            f"{source}: its '{entry}' entry does not fit this run ({'; '.join(problems[:5])}). The file was "
+            "written by other code or with other options (--lr_policy, ...). Run with the options it was "
+            "written with, or pass --no_resume to start the step over."
+        )
+
+
+def _compatible(expected: Any, value: Any) -> bool:
+    if isinstance(expected, bool) or isinstance(value, bool):
+        return isinstance(expected, bool) == isinstance(value, bool)
+    if isinstance(expected, int | float) and isinstance(value, int | float | np.integer | np.floating):
+        return True
+    if isinstance(expected, list | tuple):
+        return isinstance(value, list | tuple)
+    if isinstance(expected, Mapping):
+        return isinstance(value, Mapping)
+    return expected is None or value is None or isinstance(value, type(expected))
+
+
+@contextlib.contextmanager
+def loading_entry(source: str, entry: str) -> Iterator[None]:
+    """Turn an error raised while loading one entry of a checkpoint into a :class:`CheckpointError`.
+
+    ``load_state_dict`` of the optimizer, scheduler, scaler or trainer, or restoring random states, raise
+    KeyError / TypeError / ValueError / AttributeError / IndexError / RuntimeError when the entry was written
+    by other code or for other options; the user gets the file, the entry and the likely cause instead.
+    """
+    try:
+        yield
+    except (UserError, TrainingError):
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else "no detail"
+        raise CheckpointError(
+            f"{source}: its '{entry}' entry does not fit this run ({type(exc).__name__}: {detail[:300]}). "
+            "The file was written by other code or with other options (method, --freeze, --lr_old, "
+            "--opt_level, number of processes, ...). Run with the options it was written with, or pass "
+            "--no_resume to start the step over."
+        ) from exc
 
 
 def strip_module_prefix(state: Mapping[str, Any]) -> OrderedDict[str, Any]:
@@ -255,18 +521,33 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def load_model_state(
+def _check_state_types(state: Mapping[Any, Any], source: str) -> None:
+    bad = [
+        f"{key!r}: {type(value).__name__}"
+        for key, value in state.items()
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor)
+    ]
+    if bad:
+        raise CheckpointError(
+            f"{source} has a 'model_state' that is not a model state dict: every entry must map a parameter "
+            f"name to a tensor, but found {_list_keys(bad)}. The file was not written by this project or the "
+            "reference (or was edited); use the checkpoint the step wrote."
+        )
+
+
+def check_model_state(
     model: nn.Module,
     state: Mapping[str, Any],
     strict: bool = True,
     *,
     source: str = "the checkpoint",
-) -> Any:
-    """Load a model state dict (``module.``-prefixed or not) into an unwrapped model, after checks.
+) -> OrderedDict[str, Any]:
+    """Check that a model state dict (``module.``-prefixed or not) fits an unwrapped model; load nothing.
 
-    With ``strict=False`` (the current model at step N loading step N-1's weights) only the newest classifier
-    ``cls.{N}`` may be missing; any other missing or unexpected key is still an error (``num_batches_tracked``
-    excepted, it loads as 0).
+    Only names and shapes are compared, so ``model`` may live on the ``meta`` device: a checkpoint is checked
+    in a second, before the data set is scanned. With ``strict=False`` (the current model at step N loading
+    step N-1's weights) only the newest classifier ``cls.{N}`` may be missing; any other missing or unexpected
+    key is still an error (``num_batches_tracked`` excepted, it loads as 0).
 
     Args:
         model: the model (a DDP wrapper is unwrapped).
@@ -275,12 +556,13 @@ def load_model_state(
         source: how to name the file in errors (e.g. its path).
 
     Returns:
-        The ``load_state_dict`` result (missing/unexpected keys).
+        ``state`` without the ``module.`` prefix.
 
     Raises:
-        CheckpointError: classifiers of another task/step, another backbone, missing/unexpected keys or
-            shapes.
+        CheckpointError: not a tensor dict, classifiers of another task/step, another backbone,
+            missing/unexpected keys or shapes.
     """
+    _check_state_types(state, source)
     model = _unwrap(model)
     state = strip_module_prefix(state)
     model_state = model.state_dict()
@@ -301,7 +583,7 @@ def load_model_state(
     wrong_shape = [
         f"{k} {tuple(state[k].shape)} vs {tuple(model_state[k].shape)}"
         for k in state
-        if k in model_state and hasattr(state[k], "shape") and state[k].shape != model_state[k].shape
+        if k in model_state and state[k].shape != model_state[k].shape
     ]
     if missing or unexpected or wrong_shape:
         details = _key_problems(missing, unexpected, ("shape mismatch {} (file vs model)", wrong_shape))
@@ -310,7 +592,34 @@ def load_model_state(
             "model options (--cosine, --nb_background_modes, --output_stride, --backbone, --dataset); run "
             "with the options the checkpoint was trained with."
         )
-    return model.load_state_dict(state, strict=strict)
+    return state
+
+
+def load_model_state(
+    model: nn.Module,
+    state: Mapping[str, Any],
+    strict: bool = True,
+    *,
+    source: str = "the checkpoint",
+) -> Any:
+    """Load a model state dict (``module.``-prefixed or not) into an unwrapped model, after
+    :func:`check_model_state`.
+
+    Args:
+        model: the model (a DDP wrapper is unwrapped).
+        state: the ``model_state`` of a checkpoint.
+        strict: require the same classifiers (see :func:`check_model_state`).
+        source: how to name the file in errors (e.g. its path).
+
+    Returns:
+        The ``load_state_dict`` result (missing/unexpected keys).
+
+    Raises:
+        CheckpointError: see :func:`check_model_state`; also any error of ``load_state_dict`` itself.
+    """
+    state = check_model_state(model, state, strict, source=source)
+    with loading_entry(source, "model_state"):
+        return _unwrap(model).load_state_dict(state, strict=strict)
 
 
 def checkpoint_summary(ckpt: Mapping[str, Any]) -> dict[str, Any]:

@@ -241,8 +241,12 @@ def plot_miou_per_step(
     n_step0_classes: int = 16,
     n_classes: int = 21,
     title: str = "VOC 15-1 (15-5s) on synthetic data",
+    step_label: str = "step (0 = classes 0-15, then one new class per step)",
 ) -> Path:
-    """Two panels: all-class mIoU after each step per method, and the final bg / old / new / all bars."""
+    """Two panels: all-class mIoU after each step per method, and the final bg / old / new / all bars.
+
+    ``title`` names the protocol and ``step_label`` (the x axis of the left panel) what each step adds.
+    """
     fig = _new_figure(11.5, 4.2)
     ax_steps, ax_final = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.1, 1.0]})
     for i, result in enumerate(results):
@@ -252,7 +256,7 @@ def plot_miou_per_step(
         )
     n_steps = max((len(r.rows) for r in results), default=1)
     ax_steps.set_xticks(range(n_steps))
-    ax_steps.set_xlabel("step (0 = classes 0-15, then one new class per step)")
+    ax_steps.set_xlabel(step_label)
     ax_steps.set_ylabel("mIoU over all seen classes (%)")
     ax_steps.set_title("mIoU after each step")
     ax_steps.set_ylim(bottom=0)

@@ -68,3 +68,8 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (for example a non-finite loss). Exit status 3."""
 
     exit_code = 3
+
+
+class OutputError(UserError, OSError):
+    """An output that cannot be written (disk full, name too long, no permission, ...) or is in use by
+    another run. The message names the path and the cause; what was written before is left intact."""

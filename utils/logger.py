@@ -18,7 +18,8 @@ from typing import Any
 
 from termcolor import colored
 
-from utils.errors import OptionsError
+from utils.errors import OptionsError, OutputError
+from utils.files import describe_os_error, os_error_advice
 
 LOGGER_NAME = "LGKD"
 _OWNED = "_lgkd_handler"  # attribute marking the handlers installed by Logger (so they can be replaced)
@@ -53,6 +54,26 @@ class _ColourFormatter(logging.Formatter):
         elif record.levelno >= logging.WARNING:
             message = f"{colored('WARNING', 'red')} {message}"
         return prefix + message
+
+
+class _LogFileHandler(logging.FileHandler):
+    """``log.txt``: a failed write (disk full, file removed, ...) is reported once, in one line naming the
+    file and the cause, instead of logging's traceback on every record; the run and the console log go
+    on (checkpoints, written atomically, report their own failures and stop the run)."""
+
+    reported = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.reported:
+            return
+        self.reported = True
+        err = sys.exc_info()[1]
+        cause = describe_os_error(err) if isinstance(err, OSError) else f"{type(err).__name__}: {err}"
+        advice = f" {os_error_advice(err)}" if isinstance(err, OSError) else ""
+        sys.stderr.write(
+            f"error: cannot write the log file {self.baseFilename}: {cause}. The run goes on and the console "
+            f"still shows the log; later lines are missing from the file.{advice}\n"
+        )
 
 
 def _html_cell(value: Any) -> str:
@@ -108,7 +129,13 @@ class Logger:
             self.logfile.parent.mkdir(parents=True, exist_ok=True)
             console = logging.StreamHandler(sys.stdout)
             console.setFormatter(_ColourFormatter())
-            file_handler = logging.FileHandler(self.logfile, mode="a", encoding="utf-8")
+            try:
+                file_handler = _LogFileHandler(self.logfile, mode="a", encoding="utf-8")
+            except OSError as err:
+                raise OutputError(
+                    f"Could not open the log file {self.logfile}: {describe_os_error(err)}. "
+                    f"{os_error_advice(err)}"
+                ) from err
             file_handler.setFormatter(logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s"))
             handlers = [console, file_handler]
         else:
@@ -125,7 +152,13 @@ class Logger:
             from torch.utils.tensorboard import SummaryWriter
         else:
             from tensorboardX import SummaryWriter
-        return SummaryWriter(str(self.logdir))
+        try:
+            return SummaryWriter(str(self.logdir))
+        except OSError as err:
+            raise OutputError(
+                f"Could not create the tensorboard events file in {self.logdir}: {describe_os_error(err)}. "
+                f"{os_error_advice(err)}"
+            ) from err
 
     def _tag(self, tag: str) -> str:
         return f"{tag}/{self.step}" if self.step is not None else tag
@@ -195,6 +228,15 @@ class Logger:
         )
         self.writer.add_text(full_tag, f'<table width="100%">{rows}</table>')
 
+    def to_file(self, msg: str, level: int = logging.WARNING) -> None:
+        """Write ``msg`` to ``log.txt`` only (e.g. a line already printed on the console)."""
+        if self.rank != 0:
+            return
+        record = self.logger.makeRecord(self.logger.name, level, __file__, 0, msg, (), None)
+        for handler in self.logger.handlers:
+            if isinstance(handler, logging.FileHandler) and getattr(handler, _OWNED, False):
+                handler.handle(record)
+
     def flush(self) -> None:
         if self.writer is not None:
             self.writer.flush()
@@ -204,8 +246,12 @@ class Logger:
     def close(self) -> None:
         """Close the summary writer and the log file; the console handler stays for late messages."""
         if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+            writer, self.writer = self.writer, None
+            try:
+                writer.close()
+            except OSError as err:
+                cause = describe_os_error(err)
+                sys.stderr.write(f"error: cannot finish the tensorboard events in {self.logdir}: {cause}.\n")
         for handler in [h for h in self.logger.handlers if isinstance(h, logging.FileHandler)]:
             if getattr(handler, _OWNED, False):
                 self.logger.removeHandler(handler)

@@ -141,15 +141,25 @@ class KnowledgeDistillationLoss(nn.Module):
 
     i.e. the mean is taken over classes and pixels.
 
+    ``kd_cil_weights`` (an option of the reference's constructor that no flag sets) weights each pixel by
+    ``w = 1 + H(softmax(z_old))``, the entropy (natural log, summed over the ``C_old`` classes, without
+    ``alpha``) of the old model's prediction plus one. Reference behaviour, kept: the reference multiplies
+    the (B, H, W) loss by ``w[:, None]`` (B, 1, H, W), which broadcasts to (B, B, H, W) with entry
+    ``[i, j] = w_i * loss_j``; "mean" is then ``mean_{h,w}(mean_i w_i * mean_j loss_j)`` and "none" returns
+    that (B, B, H, W) tensor. With one image per batch this is the per-pixel weighting.
+
     Args:
-        reduction: "mean", "sum" or "none" (per-pixel ``-mean_c q_c l_c``, shape (B, H, W)).
+        reduction: "mean", "sum" or "none" (per-pixel ``-mean_c q_c l_c``, shape (B, H, W); (B, B, H, W)
+            with ``kd_cil_weights``).
         alpha: multiplier of the old logits before the softmax.
+        kd_cil_weights: weight pixels by ``1 + H(softmax(z_old))`` as described above.
     """
 
-    def __init__(self, reduction: str = "mean", alpha: float = 1.0):
+    def __init__(self, reduction: str = "mean", alpha: float = 1.0, kd_cil_weights: bool = False):
         super().__init__()
         self.reduction = reduction
         self.alpha = alpha
+        self.kd_cil_weights = kd_cil_weights
 
     def forward(self, inputs: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
         """Args: inputs (B, C_new, H, W) new logits; targets (B, C_old, H, W) old logits; mask (B, H, W)."""
@@ -157,6 +167,11 @@ class KnowledgeDistillationLoss(nn.Module):
         log_probs = torch.log_softmax(inputs[:, : targets.shape[1]], dim=1)  # (B, C_old, H, W)
         old_probs = torch.softmax(targets * self.alpha, dim=1)
         loss = (log_probs * old_probs).mean(dim=1)  # (B, H, W)
+        if self.kd_cil_weights:
+            # 1 + entropy of the old prediction, (B, H, W).
+            weights = 1.0 - (torch.softmax(targets, dim=1) * torch.log_softmax(targets, dim=1)).sum(dim=1)
+            # Reference behaviour (docs/reference-notes.md#rn-42): (B, 1, H, W) * (B, H, W) -> (B, B, H, W).
+            loss = loss * weights[:, None]
         if mask is not None:
             loss = loss * mask.to(loss.dtype)
         return -_reduce(loss, self.reduction)
@@ -212,10 +227,13 @@ class LabelGuidedKnowledgeDistillationLoss(nn.Module):
 
     a weighted cross-entropy (not a KL, no division by the number of classes).
 
-    Reductions: "mean" is the formula above; "sum" drops the division by ``|Π| + |Ν|``; "none" returns
-    the (B, H, W) map ``-w_p * s_p`` (``w_p`` = prev_kd or novel_kd, 0 on ignored pixels), whose mean is
-    therefore over all pixels, ignored ones included. If no pixel is left, "mean" returns a zero that
-    keeps the graph (the reference returns NaN, Q14).
+    Reductions: "mean" is the formula above; "sum" drops the division by ``|Π| + |Ν|``; "none" returns,
+    as the reference does, the 1-D vector of the non-ignored pixels' ``-w_p * s_p`` (``w_p`` = prev_kd or
+    novel_kd): every previous pixel first, then every novel pixel, each group in (b, h, w) order, so that
+    its mean is the "mean" reduction. :meth:`loss_map` gives the same values as a (B, H, W) map (0 on
+    ignored pixels). If no pixel is left, "mean" returns a zero that keeps the graph (the reference
+    returns NaN, Q14). A batch with a single novel pixel is computed like any other; the reference's
+    in-place assignment fails there under current PyTorch (docs/reference-notes.md#rn-38).
 
     Args:
         reduction: "mean", "sum" or "none".
@@ -237,6 +255,27 @@ class LabelGuidedKnowledgeDistillationLoss(nn.Module):
         """Args: inputs (B, C_new, H, W) new logits; targets (B, C_old, H, W) old logits; labels
         (B, H, W) or (B, 1, H, W) ground truth at the logits' resolution (any integer or float dtype).
         Point clouds: (B, C, N) logits and (B, N) or (B, 1, N) labels."""
+        loss, previous, novel = self._weighted_pixels(inputs, targets, labels)
+        if self.reduction == "none":
+            # Reference layout: (|Π| + |Ν|,) previous pixels, then novel ones (a host read for the sizes).
+            flat = loss.reshape(-1)
+            return torch.cat([flat[previous.reshape(-1)], flat[novel.reshape(-1)]])
+        if self.reduction == "sum":
+            return loss.sum()
+        if self.reduction == "mean":
+            # |Π| + |Ν|, clamped so that an all-ignored batch gives a graph-keeping 0 (reference: NaN, Q14).
+            return loss.sum() / (previous | novel).sum().clamp(min=1)
+        raise ValueError(f"Unknown reduction {self.reduction!r}: expected 'mean', 'sum' or 'none'.")
+
+    def loss_map(self, inputs: Tensor, targets: Tensor, labels: Tensor) -> Tensor:
+        """The per-pixel loss ``-w_p * s_p`` as a (B, H, W) map, 0 on ignored pixels (same arguments as
+        :meth:`forward`; the reduction is not applied)."""
+        return self._weighted_pixels(inputs, targets, labels)[0]
+
+    def _weighted_pixels(
+        self, inputs: Tensor, targets: Tensor, labels: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(loss map (B, H, W), previous mask (B, H, W), novel mask (B, H, W))."""
         inputs, targets = _fp32(inputs), _fp32(targets)
         if labels.dim() == inputs.dim():
             labels = labels[:, 0]  # (B, 1, *) -> (B, *)
@@ -259,14 +298,7 @@ class LabelGuidedKnowledgeDistillationLoss(nn.Module):
         weights = self.prev_kd * previous.to(per_pixel.dtype) + self.novel_kd * novel.to(per_pixel.dtype)
         # torch.where keeps ignored pixels out of the gradient even if their logits are not finite.
         loss = torch.where(previous | novel, -weights * per_pixel, torch.zeros_like(per_pixel))
-        if self.reduction == "none":
-            return loss
-        if self.reduction == "sum":
-            return loss.sum()
-        if self.reduction == "mean":
-            # |Π| + |Ν|, clamped so that an all-ignored batch gives a graph-keeping 0 (reference: NaN, Q14).
-            return loss.sum() / (previous | novel).sum().clamp(min=1)
-        raise ValueError(f"Unknown reduction {self.reduction!r}: expected 'mean', 'sum' or 'none'.")
+        return loss, previous, novel
 
 
 class BCEWithLogitsLossWithIgnoreIndex(nn.Module):

@@ -517,6 +517,14 @@ class ICaRLTerm(LossTerm):
         bce = F.binary_cross_entropy_with_logits(_fp32(batch.outputs[:, :old_cl]), torch.sigmoid(outputs_old))
         return self.importance * old_cl * bce
 
+    def validation_loss(self, batch: StepBatch) -> Tensor | None:
+        """The training value, *weighted*: the reference's ``validate`` adds
+        ``icarl_importance * C_old * BCE`` to the reg loss, unlike the KD/ILT/regulariser terms, which it
+        adds unweighted."""
+        if batch.outputs_old is None:
+            return None
+        return self(batch)
+
 
 class PODTerm(LossTerm):
     """PLOP's Local POD ``"pod"`` (Douillard et al., CVPR 2021, Eq. 1-3; spec §8.7).

@@ -9,6 +9,18 @@ Usage by the Trainer, after the main backward (gradients unscaled and already av
 rank 0 calls :meth:`Regularizer.update`; every rank adds ``reg_importance * penalty()`` with its own
 backward. ``penalty()`` returns a 0-dim tensor; it has no graph (and is 0) when there is nothing to
 penalise, which :attr:`Regularizer.penalize` also tells.
+
+Saved states have the reference's layout, key for key (``regularizer.py`` ``EWC/PI/RW.state_dict``), so
+that a checkpoint goes both ways between this project and the reference:
+
+* EWC ``{name, fisher, alpha}``;
+* PI ``{name, score, delta, starting_model}``, ``starting_model`` holding only the parameters that the
+  old model lacks (the new classifier; nothing at step 0);
+* RW ``{name, score, fisher, iteration, alpha}`` with ``iteration`` the score-update *period*, plus this
+  project's ``count`` (updates so far, which keeps the period's phase on a resume).
+
+``load_state_dict`` reads both this layout and the reference's, and refuses (``CheckpointError``) a
+state whose tensors do not match the model's parameters (docs/reference-notes.md#rn-43).
 """
 
 from __future__ import annotations
@@ -100,6 +112,39 @@ class Regularizer(ABC):
                 f"pass the same --regularizer as the run that wrote it."
             )
 
+    def _saved_tensors(self, state: Mapping[str, Any], key: str, required: bool = True) -> dict[str, Tensor]:
+        """``state[key]``, a dict parameter name -> tensor, checked and moved to the device.
+
+        Every name must be a parameter of the model (``module.`` name) with its shape; with ``required``
+        every trainable parameter must be there too (what ``update()`` accumulates into).
+        """
+        params = dict(_named_parameters(self.model))
+        saved = state.get(key)
+        if not isinstance(saved, Mapping) or not all(torch.is_tensor(v) for v in saved.values()):
+            raise CheckpointError(
+                f"The checkpoint's {self.name} regulariser state has no {key!r} dictionary of tensors "
+                f"(keys: {sorted(state)}): it was not written by this project or the LGKD/PLOP reference. "
+                "Resume from another checkpoint, or start the step over with --no_resume (without --ckpt)."
+            )
+        unknown = sorted(k for k in saved if k not in params)
+        missing = (
+            sorted(k for k, p in params.items() if p.requires_grad and k not in saved) if required else []
+        )
+        wrong = sorted(k for k in saved if k in params and saved[k].shape != params[k].shape)
+        if unknown or missing or wrong:
+            problems = [
+                f"{what} {names[:3]}{' ...' if len(names) > 3 else ''} ({len(names)})"
+                for what, names in (("unknown", unknown), ("missing", missing), ("shape mismatch", wrong))
+                if names
+            ]
+            raise CheckpointError(
+                f"The checkpoint's {self.name} regulariser state {key!r} does not match this model's "
+                f"parameters: {'; '.join(problems)}. It was written for another task, step or backbone; "
+                "resume with the options of the run that wrote it, or start the step over with --no_resume "
+                "(without --ckpt)."
+            )
+        return {k: v.detach().to(self.device) for k, v in saved.items()}
+
     @abstractmethod
     def update(self) -> None:
         """Accumulate importance from the current gradients."""
@@ -188,7 +233,7 @@ class EWC(Regularizer):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._check_name(state)
-        self.fisher = {k: v.to(self.device) for k, v in state["fisher"].items()}
+        self.fisher = self._saved_tensors(state, "fisher")
         self.alpha = state["alpha"]
 
 
@@ -196,11 +241,16 @@ class PI(Regularizer):
     """Path integral / synaptic intelligence (Zenke et al., ICML 2017).
 
     ``update()`` accumulates ``delta[n] += g_n * (theta_prev,n - theta_n)`` between consecutive updates
-    (``theta_prev`` a CPU snapshot); the score saved at the end of the step is
+    (``theta_prev`` the parameters at the previous update); the score saved at the end of the step is
     ``max(delta[n] / ((theta_n - theta_ref,n)^2 + 1e-20), 0)`` plus the previous score, and
     ``penalty = sum_n S[n] * (theta_n - theta_ref,n)^2`` with ``S`` the (normalised) saved score.
-    ``theta_ref`` is the old model's value, or the value at construction for new parameters (and for every
-    parameter at step 0), remembered as ``starting_model``.
+
+    The anchor ``theta_ref`` covers every parameter: the old model's value, or, for the parameters the old
+    model lacks (the new classifier; every parameter at step 0), the value when this regulariser is built.
+    ``run.py`` builds the Trainer before it loads a resumed checkpoint's weights, so that is the step's
+    initial value. The saved ``starting_model`` holds those new parameters' anchors (nothing at step 0),
+    as the reference's; loading a state takes them from it and keeps the rest, so a reference-written
+    state and this project's earlier layout (every parameter) both give the full anchor.
 
     Args:
         model: the current model.
@@ -222,6 +272,7 @@ class PI(Regularizer):
     ):
         super().__init__(model, device)
         self.normalize = normalize
+        # The anchor of every parameter as built (old-model parameters are then read from the old model).
         self.starting_model = {n: p.detach().clone().to(device) for n, p in _named_parameters(model)}
         self._old = _old_parameters(model_old, device) if model_old is not None else {}
         self.model_old_dict = self._reference_parameters()
@@ -268,17 +319,36 @@ class PI(Regularizer):
         return score
 
     def state_dict(self) -> dict[str, Any]:
+        """The reference's layout: ``starting_model`` holds only the parameters absent from the old model
+        (on the CPU, as the reference's), not a second copy of the whole model; nothing at step 0."""
         return {
             "name": self.name,
             "score": self.get(),
             "delta": self.delta,
-            "starting_model": self.starting_model,
+            # Reference behaviour: at step 0 (no old model) the reference records no starting value.
+            "starting_model": {
+                name: start.detach().cpu()
+                for name, start in self.starting_model.items()
+                if self._old and name not in self._old
+            },
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``delta`` and the anchors of the parameters ``starting_model`` holds.
+
+        Either layout gives the full anchor: the reference's (new parameters only) and this project's
+        earlier one (every parameter) update the anchors they hold; the old model's parameters are always
+        anchored at the old model; any other parameter keeps its value as built.
+
+        Raises:
+            CheckpointError: the state's tensors are not this model's parameters (another task, step or
+                backbone).
+        """
         self._check_name(state)
-        self.delta = {k: v.to(self.device) for k, v in state["delta"].items()}
-        self.starting_model = {k: v.to(self.device) for k, v in state["starting_model"].items()}
+        delta = self._saved_tensors(state, "delta")
+        starting = self._saved_tensors(state, "starting_model", required=False)
+        self.delta = delta
+        self.starting_model = {**self.starting_model, **starting}
         self.model_old_dict = self._reference_parameters()
 
 
@@ -370,20 +440,51 @@ class RW(Regularizer):
         return score
 
     def state_dict(self) -> dict[str, Any]:
+        """The reference's keys, ``iteration`` being the update *period* as there; the number of updates so
+        far goes under this project's own key ``count`` (the reference's loader ignores it)."""
         return {
             "name": self.name,
             "score": self.get_score(),
             "fisher": self.fisher,
-            "iteration": self.count,
+            "iteration": self.iterations,
             "alpha": self.alpha,
+            "count": self.count,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore score, Fisher, period and alpha from this project's or the reference's layout.
+
+        With ``count`` (this project) the update count is restored, so score updates keep their phase; a
+        reference state has no count and starts again at 0, as the reference's resume does. As there, the
+        restored score is the saved (clamped, averaged) one.
+
+        Raises:
+            CheckpointError: the tensors are not this model's parameters, or ``iteration`` / ``count`` are
+                not a positive period / a count.
+        """
         self._check_name(state)
-        self.score = {k: v.to(self.device) for k, v in state["score"].items()}
-        self.fisher = {k: v.to(self.device) for k, v in state["fisher"].items()}
-        self.count = state["iteration"]
+        period, count = state.get("iteration"), state.get("count", 0)
+        if not _is_int(period) or period < 1 or not _is_int(count) or count < 0:
+            raise CheckpointError(
+                f"The checkpoint's rw regulariser state has iteration={period!r} and count={count!r}; "
+                "expected the score-update period (a positive integer) and the number of updates. Resume "
+                "from another checkpoint, or start the step over with --no_resume (without --ckpt)."
+            )
+        if "count" not in state and period != self.iterations:
+            logger.warning(
+                f"Resuming RW with the checkpoint's score-update period {period} instead of "
+                f"--reg_iterations {self.iterations}, as the reference does. (If this checkpoint was written "
+                f"by this project before it stored the update count under 'count', {period} is that count "
+                "and the period is wrong: start the step over with --no_resume.)"
+            )
+        self.score = self._saved_tensors(state, "score")
+        self.fisher = self._saved_tensors(state, "fisher")
+        self.iterations, self.count = int(period), int(count)
         self.alpha = state["alpha"]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def get_regularizer(

@@ -8,7 +8,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from utils.errors import OptionsError
+from utils.errors import OptionsError, OutputError, UserError
+from utils.filelock import locked
+from utils.files import (
+    TEMP_SUFFIX,
+    describe_os_error,
+    output_error,
+    remove_stray_temp_files,
+    temp_prefix,
+)
 
 ABSENT = "X"  # class absent from the test ground truth
 NOT_LEARNED = "x"  # class index beyond the current metric size
@@ -73,28 +81,77 @@ def _row_step(line: str) -> int | None:
         return None
 
 
+def results_lock_path(path: str | os.PathLike) -> Path:
+    """The lock file that serialises writers of the CSV ``path`` (``.{name}.lock`` next to it)."""
+    path = Path(path)
+    return path.parent / f".{path.name}.lock"
+
+
+def results_steps(path: str | os.PathLike) -> set[int]:
+    """Steps that have a row in the results CSV ``path`` (empty if the file does not exist).
+
+    Raises:
+        OutputError: the file exists but cannot be read.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return set()
+    except OSError as err:
+        raise OutputError(f"Cannot read the results file {path}: {describe_os_error(err)}.") from err
+    return {step for step in map(_row_step, text.splitlines()) if step is not None}
+
+
+def remove_stray_results_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Remove temporary files of writes of the CSV ``path`` that a killed process left, under its lock."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    with locked(results_lock_path(path), f"the results file {path}"):
+        return remove_stray_temp_files(path)
+
+
 def write_results_row(path: str | os.PathLike, step: int, row: Sequence[str]) -> None:
-    """Write the row of ``step`` into the CSV at ``path``, atomically.
+    """Write the row of ``step`` into the CSV at ``path``, atomically and under a file lock.
 
     Existing rows are kept; a row of the same step is replaced instead of duplicated, and rows are kept
-    sorted by step. The new content goes to a temporary file in the same folder, then ``os.replace``
-    swaps it in, so a crash never leaves a half-written CSV.
+    sorted by step. The read-modify-write holds an exclusive lock (``.{name}.lock`` next to the CSV), so
+    processes writing rows of different steps at the same moment never lose one; the new content goes to
+    a temporary file in the same folder, then ``os.replace`` swaps it in, so a crash never leaves a
+    half-written CSV (temporary files of a killed writer are removed by the next writer).
 
-    Reference behaviour (§10.3): the reference appends a line per run. For the scripts' normal use (file
-    deleted first, steps run in order) the file is identical; re-running a step no longer leaves a
-    duplicate row that ``average_csv.py`` rejects. Lines without an integer step (none are written by
-    this project) are kept at the top, in their order.
+    Reference behaviour (§10.3): the reference appends a line per run. For the scripts' normal use (steps
+    run in order) the file is identical; re-running a step no longer leaves a duplicate row that
+    ``average_csv.py`` rejects. Lines without an integer step (none are written by this project) are kept
+    at the top, in their order.
 
     Args:
         path: the CSV file (parent folders are created).
         step: the step of ``row``.
         row: the fields from :func:`format_results_row`; ``row[0]`` must be ``str(step)``.
+
+    Raises:
+        OutputError: the file cannot be written (disk full, permissions, name too long); its previous
+            content is intact.
     """
     row = [str(field) for field in row]
     if not row or row[0] != str(step):
         raise ValueError(f"row must start with its step {step}, got {row[:1]}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with locked(results_lock_path(path), f"the results file {path}"):
+            remove_stray_temp_files(path)
+            _replace_row(path, step, row)
+    except OSError as err:
+        if isinstance(err, UserError):
+            raise
+        kept = "Its previous content is intact." if path.is_file() else "Nothing was written."
+        raise output_error(f"the results row of step {step} to", path, err, kept) from err
+
+
+def _replace_row(path: Path, step: int, row: list[str]) -> None:
     others: list[str] = []
     by_step: dict[int, str] = {}
     if path.exists():
@@ -110,7 +167,7 @@ def write_results_row(path: str | os.PathLike, step: int, row: Sequence[str]) ->
     lines = others + [by_step[s] for s in sorted(by_step)]
     # mkstemp creates the file 0600; keep the mode of the file we replace (0644 for a new one).
     mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -6,7 +6,8 @@
 #   STEP0_CKPT=path/to/100-50-ade.pth DATA_ROOT=... bash scripts/ade/plop_ade_100-50.sh
 # Step 0 then only evaluates it (--ckpt STEP0_CKPT --test, which writes its results-CSV row) and
 # step 1 starts from it (--step_ckpt STEP0_CKPT).
-# Other variables (DRY_RUN, EXTRA_ARGS, PYTHON): see scripts/lib/common.sh.
+# Rerunning the script continues the experiment (finished steps are skipped, an interrupted one resumes);
+# FRESH=1 starts it over. Other variables (DRY_RUN, EXTRA_ARGS, PYTHON): see scripts/lib/common.sh.
 set -euo pipefail
 source "$(dirname "$0")/../lib/common.sh"
 

@@ -3,7 +3,8 @@
 # Usage: DATA_ROOT=/path/to/data_root [NB_GPU=2] bash scripts/voc/joint.sh
 # Batch size is per GPU (the paper setting used 2 GPUs).
 # STEP0_CKPT=path/to/model.pth only evaluates that model (--ckpt STEP0_CKPT --test) instead of training.
-# Other variables (DRY_RUN, EXTRA_ARGS, PYTHON): see scripts/lib/common.sh.
+# Rerunning the script continues the experiment (finished steps are skipped, an interrupted one resumes);
+# FRESH=1 starts it over. Other variables (DRY_RUN, EXTRA_ARGS, PYTHON): see scripts/lib/common.sh.
 set -euo pipefail
 source "$(dirname "$0")/../lib/common.sh"
 
