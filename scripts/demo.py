@@ -284,19 +284,9 @@ class DemoProtocol:
         return self.dataset in ("s3dis", "scannet")
 
 
-VOC_PROTOCOL = DemoProtocol(
-    dataset=DATASET,
-    task=TASK,
-    name=f"VOC {PROTOCOL}",
-    class_names=VOC_CLASS_NAMES,
-    data_folder="PascalVOC2012",
-    method_extra_args=METHOD_EXTRA_ARGS,
-    readme_figure=README_FIGURE,
-)
 # LGKD's weights of the multi-step point-cloud scripts (scripts/scannet/lgkd_15-1.sh, s3dis/lgkd_8-1.sh).
 POINT_CLOUD_EXTRA_ARGS: dict[str, tuple[str, ...]] = {"LGKD": ("--prev_kd", "1", "--novel_kd", "0")}
-PROTOCOLS: dict[str, DemoProtocol] = {
-    "voc": VOC_PROTOCOL,
+POINT_CLOUD_PROTOCOLS: dict[str, DemoProtocol] = {
     "scannet": DemoProtocol(
         dataset="scannet", task="15-1", name="ScanNet 15-1", class_names=tuple(SCANNET_CLASSES),
         data_folder="ScanNet", method_extra_args=POINT_CLOUD_EXTRA_ARGS,
@@ -312,6 +302,26 @@ PROTOCOLS: dict[str, DemoProtocol] = {
 }  # fmt: skip
 
 
+#: Values of the demo's --dataset.
+DEMO_DATASETS = (DATASET, *POINT_CLOUD_PROTOCOLS)
+
+
+def demo_protocol(dataset: str = DATASET) -> DemoProtocol:
+    """The protocol of the demo of ``dataset``. The image demo's is made from this module's constants
+    (:data:`TASK`, :data:`METHOD_EXTRA_ARGS` ...) when asked, so that changing them changes it."""
+    if dataset != DATASET:
+        return POINT_CLOUD_PROTOCOLS[dataset]
+    return DemoProtocol(
+        dataset=DATASET,
+        task=TASK,
+        name=f"VOC {PROTOCOL}",
+        class_names=VOC_CLASS_NAMES,
+        data_folder="PascalVOC2012",
+        method_extra_args=METHOD_EXTRA_ARGS,
+        readme_figure=README_FIGURE,
+    )
+
+
 def demo_settings(dataset: str, quick: bool) -> DemoSettings | PointCloudDemoSettings:
     """The settings of the demo of ``dataset`` (``--quick``: the smoke configuration)."""
     if dataset == DATASET:
@@ -325,7 +335,11 @@ class DemoPaths:
 
     out: Path
     data_root: Path
-    protocol: DemoProtocol = VOC_PROTOCOL
+    dataset: str = DATASET  # which demo: voc, scannet or s3dis
+
+    @property
+    def protocol(self) -> DemoProtocol:
+        return demo_protocol(self.dataset)
 
     @property
     def checkpoints(self) -> Path:
@@ -401,14 +415,16 @@ def class_span(labels: Sequence[int]) -> str:
     return ", ".join(str(label) for label in labels)
 
 
-def protocol_description(protocol: DemoProtocol = VOC_PROTOCOL) -> str:
-    """The task's steps in words, e.g. ``step 0 = classes 0-15, step 1 = classes 16-20``."""
+def protocol_description(protocol: DemoProtocol | None = None) -> str:
+    """The task's steps in words, e.g. ``step 0 = classes 0-15, step 1 = classes 16-20`` (None: VOC)."""
+    protocol = protocol or demo_protocol()
     steps = protocol.step_classes
     return ", ".join(f"step {step} = classes {class_span(steps[step])}" for step in range(protocol.num_steps))
 
 
-def new_classes(protocol: DemoProtocol = VOC_PROTOCOL) -> list[int]:
-    """The classes added after step 0."""
+def new_classes(protocol: DemoProtocol | None = None) -> list[int]:
+    """The classes added after step 0 (None: the VOC demo)."""
+    protocol = protocol or demo_protocol()
     return [label for step in range(1, protocol.num_steps) for label in protocol.step_classes[step]]
 
 
@@ -919,7 +935,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dataset",
         default=DATASET,
-        choices=list(PROTOCOLS),
+        choices=list(DEMO_DATASETS),
         help="voc: images, DeepLabV3; scannet / s3dis: point clouds, DGCNN (3DPC-CISS protocol)",
     )
     parser.add_argument(
@@ -992,9 +1008,7 @@ def resolve_paths(args: argparse.Namespace) -> DemoPaths:
     suffix = ("" if dataset == DATASET else f"_{dataset}") + ("_quick" if args.quick else "")
     out = args.out if args.out is not None else DEFAULT_OUT.with_name(DEFAULT_OUT.name + suffix)
     data_root = args.data_root if args.data_root is not None else ROOT / "data" / f"synthetic_demo{suffix}"
-    return DemoPaths(
-        out=Path(out).resolve(), data_root=Path(data_root).resolve(), protocol=PROTOCOLS[dataset]
-    )
+    return DemoPaths(out=Path(out).resolve(), data_root=Path(data_root).resolve(), dataset=dataset)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

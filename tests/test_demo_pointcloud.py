@@ -26,9 +26,9 @@ def argv_of(command) -> list[str]:
 @pytest.mark.parametrize("dataset", POINT_DATASETS)
 @pytest.mark.parametrize("quick", [False, True])
 def test_commands_parse_and_follow_the_protocol(dataset: str, quick: bool, tmp_path: Path) -> None:
-    protocol = demo.PROTOCOLS[dataset]
+    protocol = demo.demo_protocol(dataset)
     settings = demo.demo_settings(dataset, quick)
-    paths = demo.DemoPaths(out=tmp_path / "out", data_root=tmp_path / "data", protocol=protocol)
+    paths = demo.DemoPaths(out=tmp_path / "out", data_root=tmp_path / "data", dataset=dataset)
     assert protocol.num_steps == 6 and protocol.n_classes == len(protocol.class_names)
     assert protocol.n_step0_classes == len(tasks.get_task_labels(dataset, protocol.task, 0)[0])
     step0 = demo.step0_command(settings, paths)
@@ -61,9 +61,10 @@ def test_commands_parse_and_follow_the_protocol(dataset: str, quick: bool, tmp_p
 
 def test_the_voc_demo_is_unchanged(tmp_path: Path) -> None:
     paths = demo.DemoPaths(out=tmp_path / "out", data_root=tmp_path / "data")
-    assert paths.protocol is demo.VOC_PROTOCOL and demo.demo_settings("voc", False) is demo.FULL
-    assert paths.results_csv("FT").name == "demo_voc_15-5s_FT.csv"
-    assert demo.VOC_PROTOCOL.num_steps == demo.NUM_STEPS
+    assert paths.protocol == demo.demo_protocol("voc") and demo.demo_settings("voc", False) is demo.FULL
+    assert (paths.protocol.task, paths.protocol.method_extra_args) == (demo.TASK, demo.METHOD_EXTRA_ARGS)
+    assert paths.results_csv("FT").name == f"demo_voc_{demo.TASK}_FT.csv"
+    assert paths.protocol.num_steps == demo.NUM_STEPS
     opts, _ = parse_command_line(argv_of(demo.step0_command(demo.FULL, paths)))
     assert (opts.dataset, opts.backbone, opts.optimizer) == ("voc", "resnet18", "sgd")
 
