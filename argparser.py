@@ -795,8 +795,8 @@ def _add_point_cloud_args(parser: argparse.ArgumentParser) -> None:
         "--knn_chunk",
         **ranged(int, at_least(0)),
         default=DEFAULT_KNN_CHUNK,
-        help="query points per chunk of the kNN search (bounds its memory; 0: all points of a batch at "
-        "once); the same graph whatever the value",
+        help="query points per chunk of the kNN search: bounds its memory, not the neighbours found (up to "
+        "ties between equal distances); 0: all points of a batch at once",
     )
     group.add_argument(
         "--xyz_norm",
