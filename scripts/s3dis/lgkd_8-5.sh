@@ -4,7 +4,9 @@
 # Usage: DATA_ROOT=/path/to/data_root [FOLD=1] [NB_GPU=1] bash scripts/s3dis/lgkd_8-5.sh
 # LGKD's 3D weights are not public: --prev_kd 5 --novel_kd 1 are the paper's values for
 # VOC 15-5 (several classes added), used by analogy.
-# STEP0_CKPT, DRY_RUN, EXTRA_ARGS, RESULTS_DIR, PYTHON: see scripts/lib/common.sh.
+# STEP0_CKPT=path/to/step0.pth: step 0 only evaluates it and step 1 starts from it.
+# Rerunning the script continues the experiment (finished steps are skipped, an interrupted one resumes);
+# FRESH=1 starts it over. Other variables (DRY_RUN, EXTRA_ARGS, PYTHON): see scripts/lib/common.sh.
 set -euo pipefail
 source "$(dirname "$0")/../lib/common.sh"
 source "$(dirname "$0")/../lib/pointcloud.sh"
