@@ -11,26 +11,31 @@ reference therefore keep working. What changes is the shape:
 * ``--method`` presets are data (:data:`METHOD_PRESETS`), resolved by :func:`resolve_preset`;
 * :func:`modify_command_options` returns a new ``Namespace`` instead of mutating its input, with worker
   counts capped at the CPUs available;
+* a point-cloud ``--dataset`` (S3DIS, ScanNet) brings its own defaults (:data:`POINT_CLOUD_DEFAULTS`: DGCNN
+  and the 3DPC-CISS training settings) for the options the user did not set, told apart from explicit flags
+  by :meth:`OptionParser.explicit_dests`;
 * :func:`validate_options` refuses, before any work, values out of their declared range, sizes the model
-  cannot train on, and option combinations the reference crashes on;
+  cannot train on, options set where they do not apply (:data:`OPTION_SCOPES`: e.g. POD or crops on point
+  clouds) and option combinations the reference crashes on;
 * :func:`save_options` writes the resolved options next to the logs.
 
 Typical use (run.py)::
 
-    opts = modify_command_options(get_argparser().parse_args())
-    validate_options(opts)
+    opts, explicit = parse_command_line(argv)  # parse, record the explicit flags, modify_command_options
+    validate_options(opts, explicit)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -38,17 +43,28 @@ from typing import Any, NoReturn
 import tasks
 from utils.errors import OptionsError
 
-DATASETS = ("voc", "ade", "cityscapes_domain")
+IMAGE_DATASETS = ("voc", "ade", "cityscapes_domain")
+#: Point-cloud datasets (the 3DPC-CISS protocol): items are (9, N) points, the model is DGCNN.
+POINT_CLOUD_DATASETS = ("s3dis", "scannet")
+DATASETS = IMAGE_DATASETS + POINT_CLOUD_DATASETS
 
 # Number of output classes per dataset. Reference behaviour (§2.2): "cityscapes" and
-# "cityscapes_classdomain" are known here but not selectable with --dataset.
+# "cityscapes_classdomain" are known here but not selectable with --dataset. The point-cloud datasets
+# count background 0 (S3DIS: none of its points; ScanNet: "unannotated") and their 13 / 20 classes.
 NUM_CLASSES: dict[str, int] = {
     "voc": 21,
     "ade": 151,
     "cityscapes_domain": 19,
     "cityscapes": 17,
     "cityscapes_classdomain": 19,
+    "s3dis": 14,
+    "scannet": 21,
 }
+IMAGE_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+#: Same names as ``models.POINT_BACKBONES`` (this module imports no torch code).
+POINT_BACKBONES = ("dgcnn",)
+#: ``models.DEFAULT_KNN_CHUNK``: query points per kNN chunk of DGCNN's neighbour graphs.
+DEFAULT_KNN_CHUNK = 8192
 
 METHODS = ("FT", "LWF", "LWF-MC", "ILT", "EWC", "RW", "PI", "MiB", "PLOP", "LGKD")
 NORM_ACTS = ("iabn_sync", "iabn", "abn", "std", "iabn_sync_test")
@@ -181,6 +197,23 @@ class OptionParser(argparse.ArgumentParser):
             )
         self.exit(2)
 
+    def explicit_dests(self, args: Sequence[str] | None = None) -> frozenset[str]:
+        """The options (``dest`` names) that the command line ``args`` sets, whatever their values.
+
+        A parsed ``Namespace`` cannot tell ``--batch_size 4`` from the default 4; dataset-dependent
+        defaults (:data:`DATASET_DEFAULTS`) and scope refusals (:data:`OPTION_SCOPES`) need to. ``args`` is
+        parsed again into a namespace whose every option holds a marker: argparse fills in defaults only
+        for options missing from the namespace, so exactly the options on the command line replace the
+        marker. Call it after ``parse_args(args)`` succeeded (errors are reported by that first parse).
+
+        Args:
+            args: the command line without the program name (None: ``sys.argv[1:]``, as ``parse_args``).
+        """
+        unset = object()
+        probe = argparse.Namespace(**{a.dest: unset for a in self._actions if a.dest != "help"})
+        self.parse_known_args(args, probe)
+        return frozenset(dest for dest, value in vars(probe).items() if value is not unset)
+
 
 def available_cpus() -> int:
     """CPUs this process may run on (its affinity mask, e.g. under taskset or a batch scheduler)."""
@@ -269,7 +302,147 @@ def resolve_preset(method: str | None, dataset: str) -> dict[str, Any]:
             "(or no --method to set every option by hand)."
         )
     preset = {**METHOD_PRESETS[method], **PRESET_DATASET_OVERRIDES.get((method, dataset), {})}
-    return copy.deepcopy(preset)
+    # A preset never sets an option that does not apply to the dataset (OPTION_SCOPES): PLOP and LGKD on
+    # point clouds keep their pseudo-labels, adaptive factor and balanced init, without POD.
+    outside = out_of_scope_dests(argparse.Namespace(dataset=dataset))
+    return copy.deepcopy({option: value for option, value in preset.items() if option not in outside})
+
+
+#: POD (PLOP's pooled feature distillation): every option of the "POD" group of the parser.
+POD_OPTIONS = (
+    "pod",
+    "pod_factor",
+    "pod_options",
+    "pod_prepro",
+    "no_pod_schedule",
+    "pod_deeplab_mask",
+    "pod_deeplab_mask_factor",
+    "deeplab_mask_downscale",
+    "pod_logits",
+    "pod_large_logits",
+    "spp_scales",
+)
+
+
+def is_point_cloud(opts: Any) -> bool:
+    """Whether ``opts.dataset`` is a point-cloud dataset (S3DIS, ScanNet)."""
+    return getattr(opts, "dataset", None) in POINT_CLOUD_DATASETS
+
+
+@dataclass(frozen=True)
+class OptionScope:
+    """Options that mean something only when another option has certain values; set anywhere else, they
+    are refused.
+
+    Attributes:
+        dests: the options (``dest`` names).
+        by: the option that decides (``dataset``, ``optimizer``).
+        values: the values of ``by`` with which ``dests`` apply.
+        reason: why they do not apply otherwise, for the message.
+    """
+
+    dests: tuple[str, ...]
+    by: str
+    values: tuple[str, ...]
+    reason: str
+
+    def applies(self, opts: Any) -> bool:
+        """Whether ``dests`` apply to the run of ``opts`` (a missing ``by`` has its parser default)."""
+        return getattr(opts, self.by, parser_defaults().get(self.by)) in self.values
+
+
+#: The one table of which options apply where: validate_options refuses the others when the user sets
+#: them, and resolve_preset leaves them out of method presets.
+OPTION_SCOPES: tuple[OptionScope, ...] = (
+    OptionScope(
+        ("output_stride", "pooling"),
+        "dataset",
+        IMAGE_DATASETS,
+        "the output stride and the pooling window configure the DeepLab head on ResNet feature maps, and "
+        "DGCNN keeps one feature per point",
+    ),
+    OptionScope(
+        ("crop_size", "crop_val"),
+        "dataset",
+        IMAGE_DATASETS,
+        "crops and resizing are for images; a point-cloud block is sampled to --num_points points, in "
+        "training and evaluation alike",
+    ),
+    OptionScope(
+        POD_OPTIONS,
+        "dataset",
+        IMAGE_DATASETS,
+        "POD pools feature maps along their height and width, and point features (B, C, N) have no such "
+        "axes (the PLOP and LGKD presets leave POD out on point clouds)",
+    ),
+    OptionScope(
+        ("code_directory",),
+        "dataset",
+        IMAGE_DATASETS,
+        "the code directory locates the ImageNet weights of the ResNet backbones (pretrained/); DGCNN has "
+        "no pretrained weights and is trained from scratch, as in 3DPC-CISS",
+    ),
+    OptionScope(
+        ("num_points", "knn_k", "knn_chunk", "xyz_norm"),
+        "dataset",
+        POINT_CLOUD_DATASETS,
+        "block sampling and DGCNN's neighbour graphs exist for point clouds only",
+    ),
+    OptionScope(
+        ("momentum",),
+        "optimizer",
+        ("sgd",),
+        "Adam uses its default betas (0.9, 0.999), as 3DPC-CISS",
+    ),
+)
+
+#: The backbones of each kind of dataset: the model must match the items (images or (9, N) points).
+BACKBONES_BY_DATASETS: dict[tuple[str, ...], tuple[str, ...]] = {
+    IMAGE_DATASETS: IMAGE_BACKBONES,
+    POINT_CLOUD_DATASETS: POINT_BACKBONES,
+}
+
+#: The 3DPC-CISS training settings (its scripts/train_*_segmentor.sh, main.py and runs/*.py: Adam, lr
+#: 0.001 halved every 50 epochs, 100 epochs, batch 32, DGCNN trained from scratch), used for a point-cloud
+#: dataset instead of the image defaults of the options the command line does not set. Validation runs
+#: after the last epoch only, so the next step starts from the end-of-training model as in 3DPC-CISS.
+POINT_CLOUD_DEFAULTS: dict[str, Any] = {
+    "backbone": "dgcnn",
+    "no_pretrained": True,
+    "optimizer": "adam",
+    "lr": 0.001,
+    "lr_policy": "step",
+    "lr_decay_epochs": 50,
+    "lr_decay_factor": 0.5,
+    "epochs": 100,
+    "batch_size": 32,
+    "val_interval": 100,
+}
+#: Defaults that depend on --dataset (applied by modify_command_options to the options not set).
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = dict.fromkeys(POINT_CLOUD_DATASETS, POINT_CLOUD_DEFAULTS)
+
+
+def out_of_scope_dests(opts: Any) -> set[str]:
+    """The options of :data:`OPTION_SCOPES` that do not apply to the run of ``opts``."""
+    return {dest for scope in OPTION_SCOPES if not scope.applies(opts) for dest in scope.dests}
+
+
+@functools.cache
+def parser_defaults() -> dict[str, Any]:
+    """``dest -> default`` of every option of :func:`get_argparser` (shared: do not mutate)."""
+    return {a.dest: a.default for a in get_argparser()._actions if a.dest != "help"}
+
+
+def user_set_options(opts: argparse.Namespace, explicit: Collection[str] | None) -> set[str]:
+    """The options the user set: ``explicit`` (:meth:`OptionParser.explicit_dests`) when known.
+
+    Without it (a namespace built by hand or loaded from a file) the options whose value differs from the
+    parser default count as set: the best that can be told from values alone.
+    """
+    if explicit is not None:
+        return set(explicit)
+    defaults = parser_defaults()
+    return {dest for dest, value in defaults.items() if hasattr(opts, dest) and getattr(opts, dest) != value}
 
 
 def _add_performance_args(parser: argparse.ArgumentParser) -> None:
@@ -345,15 +518,17 @@ def _add_dataset_args(parser: argparse.ArgumentParser) -> None:
         "--data_root",
         type=str,
         default="data",
-        help="dataset root: VOC must contain PascalVOC2012/, ADE20k ADEChallengeData2016/; "
-        "for cityscapes_domain it is the Cityscapes root itself",
+        help="dataset root: VOC must contain PascalVOC2012/, ADE20k ADEChallengeData2016/, S3DIS S3DIS/ and "
+        "ScanNet ScanNet/ (cut into blocks by data/prepare_3d.py); for cityscapes_domain it is the "
+        "Cityscapes root itself",
     )
     group.add_argument("--dataset", type=str, default="voc", choices=list(DATASETS), help="dataset")
     group.add_argument(
         "--num_classes",
         **ranged(int, ANY),
         default=None,
-        help="always overwritten from the dataset (voc 21, ade 151, cityscapes_domain 19)",
+        help="always overwritten from the dataset (voc 21, ade 151, cityscapes_domain 19, s3dis 14, "
+        "scannet 21)",
     )
     group.add_argument(
         "--cache_dir",
@@ -384,7 +559,12 @@ def _add_method_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_training_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Training")
-    group.add_argument("--epochs", **ranged(int, at_least(1)), default=30, help="epochs of this step")
+    group.add_argument(
+        "--epochs",
+        **ranged(int, at_least(1)),
+        default=30,
+        help="epochs of this step (point-cloud datasets: 100 unless set)",
+    )
     group.add_argument(
         "--fix_bn",
         action="store_true",
@@ -392,14 +572,32 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         help="freeze the affine parameters of the normalisation layers (reference "
         "behaviour Q19: their eval mode is undone by model.train() every epoch)",
     )
-    group.add_argument("--batch_size", **ranged(int, at_least(1)), default=4, help="batch size per process")
+    group.add_argument(
+        "--batch_size",
+        **ranged(int, at_least(1)),
+        default=4,
+        help="batch size per process (point-cloud datasets: 32 unless set)",
+    )
     group.add_argument(
         "--crop_size",
         **ranged(int, at_least(1)),
         default=512,
         help="train crop size, and val/test resize + center-crop size",
     )
-    group.add_argument("--lr", **ranged(float, above(0)), default=0.01, help="base learning rate")
+    group.add_argument(
+        "--lr",
+        **ranged(float, above(0)),
+        default=0.01,
+        help="base learning rate (point-cloud datasets: 0.001 unless set)",
+    )
+    group.add_argument(
+        "--optimizer",
+        type=str,
+        default="sgd",
+        choices=["sgd", "adam"],
+        help="sgd: SGD with Nesterov momentum (the reference); adam: Adam with betas (0.9, 0.999) and L2 "
+        "weight decay, as 3DPC-CISS (point-cloud datasets: adam unless set)",
+    )
     group.add_argument(
         "--lr_old",
         **ranged(float, at_least(0)),
@@ -420,16 +618,23 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         type=str,
         default="poly",
         choices=["poly", "step"],
-        help="learning-rate schedule, stepped every iteration",
+        help="learning-rate schedule, stepped every iteration (point-cloud datasets: step unless set)",
     )
     group.add_argument(
         "--lr_decay_step", **ranged(int, at_least(1)), default=5000, help="step policy: period in iterations"
     )
     group.add_argument(
+        "--lr_decay_epochs",
+        **ranged(int, at_least(1)),
+        default=None,
+        help="step policy: period in epochs, replacing --lr_decay_step (None: use --lr_decay_step; "
+        "point-cloud datasets: 50 unless set, as 3DPC-CISS)",
+    )
+    group.add_argument(
         "--lr_decay_factor",
         **ranged(float, Range(0, 1, low_open=True)),
         default=0.1,
-        help="step policy: decay factor",
+        help="step policy: decay factor (point-cloud datasets: 0.5 unless set)",
     )
     group.add_argument("--lr_power", **ranged(float, at_least(0)), default=0.9, help="poly policy: power")
     group.add_argument(
@@ -452,7 +657,8 @@ def _add_validation_args(parser: argparse.ArgumentParser) -> None:
         "--val_interval",
         **ranged(int, at_least(1)),
         default=60,
-        help="validate every N epochs from epoch 30 on, and after the last epoch",
+        help="validate every N epochs from epoch 30 on, and after the last epoch (point-cloud datasets: 100 "
+        "unless set, i.e. after the last of the 100 epochs only)",
     )
     group.add_argument(
         "--crop_val",
@@ -530,8 +736,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--backbone",
         type=str,
         default="resnet101",
-        choices=["resnet18", "resnet34", "resnet50", "resnet101"],
-        help="ResNet depth",
+        choices=[*IMAGE_BACKBONES, *POINT_BACKBONES],
+        help="ResNet depth for images; dgcnn (DGCNN, the only point-cloud backbone) for point clouds, "
+        "chosen unless set",
     )
     group.add_argument(
         "--output_stride", type=int, default=16, choices=[8, 16], help="backbone output stride"
@@ -540,7 +747,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--no_pretrained",
         action="store_true",
         default=False,
-        help="do not load the ImageNet backbone weights",
+        help="do not load the ImageNet backbone weights (always so for point clouds: DGCNN has none)",
     )
     group.add_argument(
         "--norm_act",
@@ -566,6 +773,39 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help="eval-time pooling window of the ASPP image-pooling branch",
     )
     group.add_argument("--code_directory", type=str, default=".", help="directory that contains pretrained/")
+
+
+def _add_point_cloud_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "Point clouds", "S3DIS and ScanNet only (the 3DPC-CISS protocol; see the README's 3D section)"
+    )
+    group.add_argument(
+        "--num_points",
+        **ranged(int, at_least(1)),
+        default=2048,
+        help="points sampled from each 1 m x 1 m block (3DPC-CISS --pc_npts)",
+    )
+    group.add_argument(
+        "--knn_k",
+        **ranged(int, at_least(1)),
+        default=20,
+        help="neighbours of DGCNN's EdgeConv graphs (3DPC-CISS --dgcnn_k); at most --num_points",
+    )
+    group.add_argument(
+        "--knn_chunk",
+        **ranged(int, at_least(0)),
+        default=DEFAULT_KNN_CHUNK,
+        help="query points per chunk of the kNN search: bounds its memory, not the neighbours found (up to "
+        "ties between equal distances); 0: all points of a batch at once",
+    )
+    group.add_argument(
+        "--xyz_norm",
+        type=str,
+        default="block",
+        choices=["block", "room"],
+        help="the last 3 point attributes: xyz normalised to [0, 1] over the block (block, as 3DPC-CISS's "
+        "loader) or divided by the room's size (room)",
+    )
 
 
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -1033,7 +1273,7 @@ def _add_deprecated_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def get_argparser() -> argparse.ArgumentParser:
+def get_argparser() -> OptionParser:
     """Build the parser with every reference flag (§2.1) plus the additive flags of this project."""
     parser = OptionParser(
         description="Continual semantic segmentation: train or test one incremental step.",
@@ -1047,6 +1287,7 @@ def get_argparser() -> argparse.ArgumentParser:
         _add_validation_args,
         _add_logging_args,
         _add_model_args,
+        _add_point_cloud_args,
         _add_checkpoint_args,
         _add_incremental_args,
         _add_distillation_args,
@@ -1060,12 +1301,17 @@ def get_argparser() -> argparse.ArgumentParser:
     return parser
 
 
-def modify_command_options(opts: argparse.Namespace) -> argparse.Namespace:
+def modify_command_options(
+    opts: argparse.Namespace, explicit: Collection[str] | None = None
+) -> argparse.Namespace:
     """Resolve method presets and derived options; return a new ``Namespace`` (``opts`` is untouched).
 
     Reference semantics (§2.2): ``num_classes`` comes from the dataset; without ``visualize``,
     ``sample_num`` is 0; the ``--method`` preset overwrites the options it lists whatever the command
     line said; ``no_overlap`` and ``no_cross_val`` are the negations of ``overlap`` and ``cross_val``.
+    Before the preset, the dataset's own defaults (:data:`DATASET_DEFAULTS`: DGCNN and the 3DPC-CISS
+    training settings for S3DIS and ScanNet) replace the values of the options the user did not set
+    (``explicit``, see :func:`user_set_options`).
     ``num_workers`` and ``scan_workers`` above the CPUs available are lowered to that number, with a
     one-line warning on stderr, so the saved options hold what the run really uses.
     ``norm_act = iabn_sync_test`` is resolved to its alias ``iabn_sync`` here, once, so that the current
@@ -1080,6 +1326,12 @@ def modify_command_options(opts: argparse.Namespace) -> argparse.Namespace:
             f"Unknown dataset {resolved.dataset!r}. Pass --dataset with one of: {', '.join(DATASETS)}."
         )
     resolved.num_classes = NUM_CLASSES[resolved.dataset]
+    dataset_defaults = DATASET_DEFAULTS.get(resolved.dataset, {})
+    if dataset_defaults:
+        user_set = user_set_options(opts, explicit)
+        for option, value in dataset_defaults.items():
+            if option not in user_set:
+                setattr(resolved, option, copy.deepcopy(value))
     if not resolved.visualize:
         resolved.sample_num = 0
     for option, value in resolve_preset(resolved.method, resolved.dataset).items():
@@ -1192,8 +1444,43 @@ def check_ranges(opts: argparse.Namespace) -> None:
             raise OptionsError(f"{problem}. Pass a value in that range (see python run.py --help).")
 
 
+def _check_scopes(opts: argparse.Namespace, explicit: Collection[str] | None) -> None:
+    """Refuse a backbone of the other kind of data (:data:`BACKBONES_BY_DATASETS`) and options the user set
+    where they do not apply (:data:`OPTION_SCOPES`)."""
+    for datasets, backbones in BACKBONES_BY_DATASETS.items():
+        if opts.dataset in datasets and opts.backbone not in backbones:
+            raise OptionsError(
+                f"--backbone {opts.backbone} cannot be used with --dataset {opts.dataset}: the backbones of "
+                f"{', '.join(datasets)} are {', '.join(backbones)}. Pass one of those, or leave --backbone "
+                f"out ({' and '.join(POINT_CLOUD_DATASETS)} use {POINT_BACKBONES[0]}, the others resnet101)."
+            )
+    user_set = user_set_options(opts, explicit)
+    for scope in OPTION_SCOPES:
+        given = [f"--{dest}" for dest in scope.dests if dest in user_set]
+        if given and not scope.applies(opts):
+            flags, one = ", ".join(given), len(given) == 1
+            raise OptionsError(
+                f"{flags} {'does' if one else 'do'} not apply with --{scope.by} {getattr(opts, scope.by)}, "
+                f"only with --{scope.by} {' or '.join(scope.values)}: {scope.reason}. Remove {flags} from "
+                "the command line."
+            )
+
+
+def _check_point_cloud_sizes(opts: argparse.Namespace) -> None:
+    """DGCNN's neighbour graphs need k neighbours among the points of a block."""
+    if opts.knn_k > opts.num_points:
+        raise OptionsError(
+            f"--knn_k {opts.knn_k} is more than --num_points {opts.num_points}: each point needs that many "
+            "neighbours in its block. Lower --knn_k (3DPC-CISS: 20) or raise --num_points (3DPC-CISS: 2048)."
+        )
+
+
 def _check_shapes(opts: argparse.Namespace) -> None:
-    """Combinations of sizes the model cannot train on (the single ranges are checked by check_ranges)."""
+    """Combinations of sizes the image model cannot train on (single ranges: check_ranges).
+
+    Both rules are about the DeepLab head on image feature maps; point clouds have their own
+    (:func:`_check_point_cloud_sizes`).
+    """
     if not opts.test and opts.batch_size < 2:
         raise OptionsError(
             f"--batch_size {opts.batch_size} cannot train: batch normalisation needs more than one value per "
@@ -1242,20 +1529,41 @@ def _check_unsupported(opts: argparse.Namespace) -> None:
         )
 
 
-def validate_options(opts: argparse.Namespace) -> None:
+def validate_options(opts: argparse.Namespace, explicit: Collection[str] | None = None) -> None:
     """Refuse, before any work, options that cannot work (called after :func:`modify_command_options`).
+
+    Args:
+        opts: resolved options.
+        explicit: the options the command line set (:meth:`OptionParser.explicit_dests`); None: those
+            whose value differs from the default (see :func:`user_set_options`).
 
     Raises:
         TaskError: the task does not exist for the dataset, or the step is out of range.
         OptionsError: a numeric option outside its declared range, a size combination the model cannot
-            train on, or an option (combination) the reference does not implement or crashes on.
+            train on, an option set where it does not apply (point clouds vs images), or an option
+            (combination) the reference does not implement or crashes on.
     """
     check_ranges(opts)
     tasks.get_task_labels(opts.dataset, opts.task, opts.step)
-    _check_shapes(opts)
+    _check_scopes(opts, explicit)
+    if is_point_cloud(opts):
+        _check_point_cloud_sizes(opts)
+    else:
+        _check_shapes(opts)
     _check_unsupported(opts)
     _check_pseudo(opts.pseudo)
     _check_pod(opts)
+
+
+def parse_command_line(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, frozenset[str]]:
+    """``run.py``'s options: the parsed and resolved ``Namespace`` and the options the command line set.
+
+    Pass both to :func:`validate_options`. Parser errors exit with status 2 and a one-line message.
+    """
+    parser = get_argparser()
+    parsed = parser.parse_args(argv)
+    explicit = parser.explicit_dests(argv)
+    return modify_command_options(parsed, explicit), explicit
 
 
 def _options_dict(opts: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import tasks
-from argparser import get_argparser, modify_command_options, save_options, validate_options
+from argparser import is_point_cloud, parse_command_line, save_options, validate_options
 from dataset import build_datasets
 from metrics import StreamSegMetrics, confusion_matrix_to_fig
 from segmentation_module import make_model
@@ -77,7 +77,7 @@ from utils.resume import (
 from utils.sampler import ShardedEvalSampler
 from utils.scheduler import build_scheduler
 from utils.training_options import stored_options
-from utils.visualization import make_prediction_grid
+from utils.visualization import make_pointcloud_grid, make_prediction_grid
 
 # Reference behaviour (§7.4): validate when (epoch+1) % val_interval == 0 from epoch 30 on, or after the
 # last epoch. With the default --val_interval 60 only the last epoch of VOC runs is evaluated.
@@ -160,7 +160,8 @@ def preflight(opts: Any) -> None:
         raise DatasetError(
             f"--data_root {opts.data_root} does not exist. Point it to the folder that holds the dataset "
             "(VOC: the folder containing PascalVOC2012/, see data/download_voc.sh; ADE: the folder "
-            "containing ADEChallengeData2016/, see data/download_ade.sh; or make a synthetic one with "
+            "containing ADEChallengeData2016/, see data/download_ade.sh; S3DIS / ScanNet: the folder "
+            "containing S3DIS/ or ScanNet/, prepared with data/prepare_3d.py; or make a synthetic one with "
             "python data/make_synthetic.py)."
         )
     check_name_lengths(opts)
@@ -194,16 +195,17 @@ def seed_everything(seed: int) -> None:
 
 def build_loaders(opts: Any, bundle: Any, info: dist_utils.DistInfo) -> tuple[DataLoader, DataLoader]:
     world = info.world_size
+    item = "block" if is_point_cloud(opts) else "image"
     if len(bundle.train) == 0 and not opts.test:
         raise DatasetError(
-            f"The training set of step {opts.step} of task {opts.task} is empty: no image of "
+            f"The training set of step {opts.step} of task {opts.task} is empty: no {item} of "
             f"{opts.data_root} contains the classes {bundle.labels} of this step"
             f"{' without future classes (disjoint setting)' if not opts.overlap else ''}. Check --data_root, "
             f"--task and --step{'' if opts.overlap else ', or use --overlap'}."
         )
     if len(bundle.train) < opts.batch_size * world and not opts.test:
         raise DatasetError(
-            f"The training set of step {opts.step} has {len(bundle.train)} images, fewer than one global "
+            f"The training set of step {opts.step} has {len(bundle.train)} {item}s, fewer than one global "
             f"batch ({opts.batch_size} per process x {world} processes); with drop_last no iteration would "
             "run. Lower --batch_size, use fewer processes, or use more data."
         )
@@ -243,6 +245,9 @@ def build_model(opts: Any, step: int, device: torch.device, pretrained: bool = T
 def build_optimizer(opts: Any, model: nn.Module, *, fused: bool | None = None) -> torch.optim.Optimizer:
     """Param groups of §6: backbone (unless --freeze), head, classifiers (old ones at lr_old x lr).
 
+    SGD with Nesterov momentum (the reference), or Adam with ``--optimizer adam`` (3DPC-CISS, the default
+    for point clouds) on the same groups.
+
     Args:
         fused: use PyTorch's fused SGD kernel. None (default): only when the run scales its loss (fp16
             on CUDA). There ``GradScaler.step`` would otherwise read the inf/NaN flag back to the host
@@ -271,6 +276,10 @@ def build_optimizer(opts: Any, model: nn.Module, *, fused: bool | None = None) -
     if fused is None:
         device = next(model.parameters()).device
         fused = uses_grad_scaler(opts, device)
+    if getattr(opts, "optimizer", "sgd") == "adam":
+        # 3DPC-CISS (runs/*.py): torch's Adam with its default betas, weight decay as an L2 term. Its fused
+        # kernel creates its moment buffers as zeros, so a skipped fp16 step leaves them valid.
+        return torch.optim.Adam(groups, lr=opts.lr, fused=fused or None)
     optimizer = torch.optim.SGD(
         groups, lr=opts.lr, momentum=opts.momentum, nesterov=True, fused=fused or None
     )
@@ -481,21 +490,19 @@ def log_validation(log: Logger, opts: Any, epoch: int, val_loss: tuple, score: d
 
 
 def write_samples(log: Logger, opts: Any, samples: list, epoch: int) -> None:
-    """--visualize with --sample_num N: image / ground truth / prediction grids to tensorboard and PNG."""
+    """--visualize with --sample_num N: image / ground truth / prediction grids to tensorboard and PNG
+    (point clouds: top-down views of the colours, the ground truth and the prediction)."""
     from PIL import Image
 
     from utils.visualization import ade_cmap, voc_cmap
 
     cmap = ade_cmap() if opts.dataset == "ade" else voc_cmap()
-    images = np.stack([s[0] for s in samples])
-    grid = make_prediction_grid(
-        images,
-        np.stack([s[1] for s in samples]),
-        {"prediction": np.stack([s[2] for s in samples])},
-        cmap,
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-    )
+    inputs, gts = np.stack([s[0] for s in samples]), np.stack([s[1] for s in samples])
+    preds = {"prediction": np.stack([s[2] for s in samples])}
+    if is_point_cloud(opts):
+        grid = make_pointcloud_grid(inputs, gts, preds, cmap)
+    else:
+        grid = make_prediction_grid(inputs, gts, preds, cmap, IMAGENET_MEAN, IMAGENET_STD)
     out = log_directory(opts) / "samples"
     out.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(out / f"epoch{epoch + 1:03d}.png")
@@ -808,7 +815,10 @@ def execute_step(opts: Any, plan: StepPlan, progress: RunProgress) -> None:
         for note in plan.notes:
             log.info(f"[!] {note}")
         log_setup(opts, info, bundle, log)
-        metrics = StreamSegMetrics(bundle.n_classes, device=device)
+        # Point clouds: a (B, N) label batch is B samples.
+        metrics = StreamSegMetrics(
+            bundle.n_classes, device=device, sample_ndim=1 if is_point_cloud(opts) else 2
+        )
         if opts.test:
             log.info(f"*** Model restored from {plan.test_path} (epoch {epoch})")
             trainer = Trainer(model, None, device, opts, None, None, opts.step)
@@ -952,13 +962,13 @@ def main(argv: list[str] | None = None) -> int:
     """``python run.py ...``: 0 on success (or nothing to do), 2 for bad input or an output that cannot be
     written (UserError), 3 when training diverged, 128 + N when stopped by signal N (130 Ctrl-C, 143
     SIGTERM)."""
-    opts = modify_command_options(get_argparser().parse_args(argv))
+    opts, explicit = parse_command_line(argv)
     progress = RunProgress()
     # Signal handlers can only be installed from the main thread (a caller may run main() elsewhere).
     previous = install_stop_handlers() if threading.current_thread() is threading.main_thread() else None
     finished = False
     try:
-        validate_options(opts)
+        validate_options(opts, explicit)
         run_step(opts, progress)
         finished = True
     except StopRequested as stop:

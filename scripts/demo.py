@@ -25,6 +25,13 @@ Usage::
     python scripts/demo.py                      # the whole demo (its measured time: README, "Results")
     python scripts/demo.py --methods FT LGKD    # only these methods (step 0 is reused if already trained)
     python scripts/demo.py --quick --out /tmp/demo   # tiny smoke configuration (tests)
+    python scripts/demo.py --dataset scannet    # the same on synthetic point clouds: ScanNet 15-1, DGCNN
+
+With ``--dataset scannet`` (or ``s3dis``) the demo runs the point-cloud track instead: synthetic rooms in the
+raw ScanNet (S3DIS) layout cut into blocks by ``data/prepare_3d.py``, task ``15-1`` (``8-1``) of 3DPC-CISS
+(one new class per step, so that the mIoU curve shows the forgetting step by step), DGCNN with the
+point-cloud defaults of ``run.py`` on small clouds (:data:`POINT_CLOUD_SETTINGS`), and the same steps,
+tables and figures, the predictions drawn as top-down views of test blocks.
 """
 
 from __future__ import annotations
@@ -39,17 +46,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, ClassVar
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tasks import get_task_dict  # noqa: E402  (the repository root must be on sys.path first)
+from dataset.pointcloud_raw import S3DIS_CLASSES, SCANNET_CLASSES  # noqa: E402  (root on sys.path first)
+from tasks import get_task_dict  # noqa: E402
 from utils.demo_report import (  # noqa: E402
     VOC_CLASS_NAMES,
     MethodResult,
@@ -122,6 +130,8 @@ class DemoSettings:
     # Validate only after the last epoch (the reference validates from epoch 30 on, every --val_interval).
     val_interval: int = 1000
     random_seed: int = 42
+    #: The settings that define the data set (recorded next to it, see ensure_data).
+    DATA_FIELDS: ClassVar[tuple[str, ...]] = ("num_train", "num_val", "image_size", "data_seed")
 
     def data_args(self) -> list[str]:
         """Arguments of data/make_synthetic.py (besides --dataset and --out)."""
@@ -168,11 +178,168 @@ QUICK = DemoSettings(
 
 
 @dataclass(frozen=True)
+class PointCloudDemoSettings:
+    """A point-cloud demo run (``--dataset scannet|s3dis``); identical for every method.
+
+    The model and optimiser are run.py's point-cloud defaults (DGCNN from scratch, Adam at lr 0.001, as
+    3DPC-CISS); the clouds are smaller (``num_points``, ``knn_k``) and the epochs fewer, to fit a CPU budget.
+    """
+
+    num_train: int  # training rooms
+    num_val: int  # test rooms
+    data_seed: int
+    num_points: int
+    knn_k: int
+    batch_step0: int
+    batch_later: int
+    epochs_step0: int
+    epochs_later: int
+    lr_step0: float
+    lr_later: float
+    num_workers: int = 0
+    val_interval: int = 1000
+    random_seed: int = 42
+    DATA_FIELDS: ClassVar[tuple[str, ...]] = ("num_train", "num_val", "data_seed")
+
+    def data_args(self) -> list[str]:
+        """Arguments of data/make_synthetic.py (besides --dataset and --out)."""
+        return [
+            "--num_train",
+            str(self.num_train),
+            "--num_val",
+            str(self.num_val),
+            "--seed",
+            str(self.data_seed),
+        ]
+
+    def step_args(self, step: int) -> list[str]:
+        """run.py training settings of a step (the same for every method)."""
+        later = step > 0
+        return [
+            "--num_points", str(self.num_points), "--knn_k", str(self.knn_k),
+            "--batch_size", str(self.batch_later if later else self.batch_step0),
+            "--epochs", str(self.epochs_later if later else self.epochs_step0),
+            "--lr", str(self.lr_later if later else self.lr_step0),
+            "--num_workers", str(self.num_workers),
+            "--val_interval", str(self.val_interval),
+            "--random_seed", str(self.random_seed),
+        ]  # fmt: skip
+
+
+# The point-cloud demos (README "The 3D demo": time and results) and their smoke configurations (whose
+# numbers mean nothing). 48 ScanNet rooms give the rarest new class (picture) 3 training blocks, hence
+# batch 2 at steps >= 1; lr 0.001 at every step is 3DPC-CISS's.
+POINT_CLOUD_SETTINGS: dict[tuple[str, bool], PointCloudDemoSettings] = {
+    ("scannet", False): PointCloudDemoSettings(
+        num_train=48, num_val=8, data_seed=0, num_points=256, knn_k=10, batch_step0=8, batch_later=2,
+        epochs_step0=4, epochs_later=5, lr_step0=0.001, lr_later=0.001,
+    ),
+    ("s3dis", False): PointCloudDemoSettings(
+        num_train=48, num_val=8, data_seed=0, num_points=256, knn_k=10, batch_step0=8, batch_later=2,
+        epochs_step0=4, epochs_later=5, lr_step0=0.001, lr_later=0.001,
+    ),
+    ("scannet", True): PointCloudDemoSettings(
+        num_train=12, num_val=3, data_seed=0, num_points=128, knn_k=8, batch_step0=4, batch_later=2,
+        epochs_step0=1, epochs_later=1, lr_step0=0.001, lr_later=0.001,
+    ),
+    ("s3dis", True): PointCloudDemoSettings(
+        num_train=12, num_val=3, data_seed=0, num_points=128, knn_k=8, batch_step0=4, batch_later=2,
+        epochs_step0=1, epochs_later=1, lr_step0=0.001, lr_later=0.001,
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DemoProtocol:
+    """The continual task a demo runs, and how its report names things."""
+
+    dataset: str
+    task: str
+    name: str  # the protocol's name, e.g. "VOC 15-5", "ScanNet 15-1"
+    class_names: tuple[str, ...]
+    data_folder: str  # what make_synthetic.py writes in the data root
+    #: Per-method arguments beyond --method at steps >= 1 (as the experiment scripts pass them).
+    method_extra_args: Mapping[str, tuple[str, ...]]
+    readme_figure: Path
+    data_text: str = "synthetic data"
+
+    @property
+    def step_classes(self) -> dict[int, list[int]]:
+        return get_task_dict(self.dataset, self.task)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.step_classes)
+
+    @property
+    def n_step0_classes(self) -> int:
+        return len(self.step_classes[0])
+
+    @property
+    def n_classes(self) -> int:
+        return sum(len(labels) for labels in self.step_classes.values())
+
+    @property
+    def point_cloud(self) -> bool:
+        return self.dataset in ("s3dis", "scannet")
+
+
+# LGKD's weights of the multi-step point-cloud scripts (scripts/scannet/lgkd_15-1.sh, s3dis/lgkd_8-1.sh).
+POINT_CLOUD_EXTRA_ARGS: dict[str, tuple[str, ...]] = {"LGKD": ("--prev_kd", "1", "--novel_kd", "0")}
+POINT_CLOUD_PROTOCOLS: dict[str, DemoProtocol] = {
+    "scannet": DemoProtocol(
+        dataset="scannet", task="15-1", name="ScanNet 15-1", class_names=tuple(SCANNET_CLASSES),
+        data_folder="ScanNet", method_extra_args=POINT_CLOUD_EXTRA_ARGS,
+        readme_figure=ROOT / "docs" / "images" / "demo_miou_scannet.png",
+        data_text="synthetic point clouds (DGCNN)",
+    ),
+    "s3dis": DemoProtocol(
+        dataset="s3dis", task="8-1", name="S3DIS 8-1", class_names=tuple(S3DIS_CLASSES),
+        data_folder="S3DIS", method_extra_args=POINT_CLOUD_EXTRA_ARGS,
+        readme_figure=ROOT / "docs" / "images" / "demo_miou_s3dis.png",
+        data_text="synthetic point clouds (DGCNN)",
+    ),
+}  # fmt: skip
+
+
+#: Values of the demo's --dataset.
+DEMO_DATASETS = (DATASET, *POINT_CLOUD_PROTOCOLS)
+
+
+def demo_protocol(dataset: str = DATASET) -> DemoProtocol:
+    """The protocol of the demo of ``dataset``. The image demo's is made from this module's constants
+    (:data:`TASK`, :data:`METHOD_EXTRA_ARGS` ...) when asked, so that changing them changes it."""
+    if dataset != DATASET:
+        return POINT_CLOUD_PROTOCOLS[dataset]
+    return DemoProtocol(
+        dataset=DATASET,
+        task=TASK,
+        name=f"VOC {PROTOCOL}",
+        class_names=VOC_CLASS_NAMES,
+        data_folder="PascalVOC2012",
+        method_extra_args=METHOD_EXTRA_ARGS,
+        readme_figure=README_FIGURE,
+    )
+
+
+def demo_settings(dataset: str, quick: bool) -> DemoSettings | PointCloudDemoSettings:
+    """The settings of the demo of ``dataset`` (``--quick``: the smoke configuration)."""
+    if dataset == DATASET:
+        return QUICK if quick else FULL
+    return POINT_CLOUD_SETTINGS[dataset, quick]
+
+
+@dataclass(frozen=True)
 class DemoPaths:
     """Where the demo reads and writes (all under ``out`` except the data)."""
 
     out: Path
     data_root: Path
+    dataset: str = DATASET  # which demo: voc, scannet or s3dis
+
+    @property
+    def protocol(self) -> DemoProtocol:
+        return demo_protocol(self.dataset)
 
     @property
     def checkpoints(self) -> Path:
@@ -198,17 +365,22 @@ class DemoPaths:
         """The folders the demo creates in ``out`` (removed when the settings change)."""
         return [self.checkpoints, self.logs, self.csv, self.cache, self.stdout]
 
+    @property
+    def prefix(self) -> str:
+        """``{task}-{dataset}``, as run.py names checkpoints and log folders."""
+        return f"{self.protocol.task}-{self.protocol.dataset}"
+
     def step_checkpoint(self, name: str, step: int) -> Path:
-        return self.checkpoints / f"{TASK}-{DATASET}_{name}_{step}.pth"
+        return self.checkpoints / f"{self.prefix}_{name}_{step}.pth"
 
     def last_epoch_checkpoint(self, name: str, step: int) -> Path:
-        return self.checkpoints / f"{TASK}-{DATASET}_{name}_{step}_last.pth"
+        return self.checkpoints / f"{self.prefix}_{name}_{step}_last.pth"
 
     def results_csv(self, name: str) -> Path:
-        return self.csv / f"{DEMO_DATE}_{DATASET}_{TASK}_{name}.csv"
+        return self.csv / f"{DEMO_DATE}_{self.protocol.dataset}_{self.protocol.task}_{name}.csv"
 
     def step_options(self, name: str, step: int) -> Path:
-        return self.logs / f"{TASK}-{DATASET}" / name / f"step{step}" / "opts.json"
+        return self.logs / self.prefix / name / f"step{step}" / "opts.json"
 
 
 @dataclass(frozen=True)
@@ -243,14 +415,17 @@ def class_span(labels: Sequence[int]) -> str:
     return ", ".join(str(label) for label in labels)
 
 
-def protocol_description() -> str:
-    """The task's steps in words, e.g. ``step 0 = classes 0-15, step 1 = classes 16-20``."""
-    return ", ".join(f"step {step} = classes {class_span(STEP_CLASSES[step])}" for step in range(NUM_STEPS))
+def protocol_description(protocol: DemoProtocol | None = None) -> str:
+    """The task's steps in words, e.g. ``step 0 = classes 0-15, step 1 = classes 16-20`` (None: VOC)."""
+    protocol = protocol or demo_protocol()
+    steps = protocol.step_classes
+    return ", ".join(f"step {step} = classes {class_span(steps[step])}" for step in range(protocol.num_steps))
 
 
-def new_classes() -> list[int]:
-    """The classes added after step 0."""
-    return [label for step in range(1, NUM_STEPS) for label in STEP_CLASSES[step]]
+def new_classes(protocol: DemoProtocol | None = None) -> list[int]:
+    """The classes added after step 0 (None: the VOC demo)."""
+    protocol = protocol or demo_protocol()
+    return [label for step in range(1, protocol.num_steps) for label in protocol.step_classes[step]]
 
 
 def python_executable() -> str:
@@ -260,7 +435,8 @@ def python_executable() -> str:
 def common_args(paths: DemoPaths, name: str, method: str, step: int) -> list[str]:
     """Arguments every demo step shares: the reference scripts' (overlap, O0 on CPU) plus output folders."""
     return [
-        "--data_root", display_path(paths.data_root), "--dataset", DATASET, "--task", TASK, "--overlap",
+        "--data_root", display_path(paths.data_root), "--dataset", paths.protocol.dataset,
+        "--task", paths.protocol.task, "--overlap",
         "--name", name, "--method", method, "--step", str(step), "--opt_level", "O0", "--device", "cpu",
         "--date", DEMO_DATE, "--checkpoint", display_path(paths.checkpoints),
         "--logdir", display_path(paths.logs), "--results_dir", display_path(paths.csv),
@@ -268,7 +444,7 @@ def common_args(paths: DemoPaths, name: str, method: str, step: int) -> list[str
     ]  # fmt: skip
 
 
-def step0_command(settings: DemoSettings, paths: DemoPaths) -> StepCommand:
+def step0_command(settings: DemoSettings | PointCloudDemoSettings, paths: DemoPaths) -> StepCommand:
     """Train the shared step 0."""
     argv = [
         python_executable(),
@@ -279,8 +455,10 @@ def step0_command(settings: DemoSettings, paths: DemoPaths) -> StepCommand:
     return StepCommand(STEP0_NAME, STEP0_METHOD, 0, "train", tuple(argv))
 
 
-def method_commands(method: str, settings: DemoSettings, paths: DemoPaths) -> list[StepCommand]:
-    """A method's chain: step 0 evaluated from the shared model, then steps 1 .. NUM_STEPS - 1 trained.
+def method_commands(
+    method: str, settings: DemoSettings | PointCloudDemoSettings, paths: DemoPaths
+) -> list[StepCommand]:
+    """A method's chain: step 0 evaluated from the shared model, then the later steps of the task trained.
 
     This is the scripts' STEP0_CKPT path: ``--ckpt STEP0 --test`` writes the step-0 CSV row and
     ``--step_ckpt STEP0`` makes step 1 start from it; later steps load the previous step of this method.
@@ -293,21 +471,21 @@ def method_commands(method: str, settings: DemoSettings, paths: DemoPaths) -> li
             "--ckpt", step0, "--test",
         )),
     ]  # fmt: skip
-    for step in range(1, NUM_STEPS):
+    for step in range(1, paths.protocol.num_steps):
         argv = [python, "run.py", *common_args(paths, method, method, step), *settings.step_args(step)]
-        argv += METHOD_EXTRA_ARGS.get(method, ())
+        argv += paths.protocol.method_extra_args.get(method, ())
         if step == 1:
             argv += ["--step_ckpt", step0]
         commands.append(StepCommand(method, method, step, "train", tuple(argv)))
     return commands
 
 
-def synthetic_data_command(settings: DemoSettings, paths: DemoPaths) -> list[str]:
+def synthetic_data_command(settings: DemoSettings | PointCloudDemoSettings, paths: DemoPaths) -> list[str]:
     return [
         python_executable(),
         "data/make_synthetic.py",
         "--dataset",
-        DATASET,
+        paths.protocol.dataset,
         "--out",
         display_path(paths.data_root),
         *settings.data_args(),
@@ -364,7 +542,7 @@ def remove_intermediate_checkpoint(command: StepCommand, paths: DemoPaths) -> No
         paths.step_checkpoint(command.name, command.step - 1).unlink(missing_ok=True)
 
 
-def prepare_output(paths: DemoPaths, settings: DemoSettings, fresh: bool) -> None:
+def prepare_output(paths: DemoPaths, settings: DemoSettings | PointCloudDemoSettings, fresh: bool) -> None:
     """Start over when asked or when the settings differ from those of the outputs already in ``out``."""
     state_path = paths.out / STATE_FILE
     wanted = {"settings": asdict(settings), "data_root": str(paths.data_root.resolve())}
@@ -389,18 +567,15 @@ def prepare_output(paths: DemoPaths, settings: DemoSettings, fresh: bool) -> Non
     state_path.write_text(json.dumps(wanted, indent=2) + "\n")
 
 
-def ensure_data(settings: DemoSettings, paths: DemoPaths, log: Logger) -> None:
-    """Generate the synthetic VOC tree unless the same one is already there.
+def ensure_data(settings: DemoSettings | PointCloudDemoSettings, paths: DemoPaths, log: Logger) -> None:
+    """Generate the synthetic VOC tree (point clouds: rooms cut into blocks) unless the same one is there.
 
     A tree without the demo's marker file (e.g. one you made yourself with other settings, or a real
     VOC) is used as it is; ``make_synthetic.py`` itself refuses to overwrite a tree it did not make.
     """
     marker = paths.data_root / DATA_MARKER
-    wanted = {
-        "dataset": DATASET,
-        **{k: getattr(settings, k) for k in ("num_train", "num_val", "image_size", "data_seed")},
-    }
-    if (paths.data_root / "PascalVOC2012").is_dir():
+    wanted = {"dataset": paths.protocol.dataset, **{k: getattr(settings, k) for k in settings.DATA_FIELDS}}
+    if (paths.data_root / paths.protocol.data_folder).is_dir():
         if not marker.is_file():
             log.say(f"using the existing data set in {display_path(paths.data_root)}")
             return
@@ -544,7 +719,7 @@ def run_chain(
 
 def run_all(
     methods: Sequence[str],
-    settings: DemoSettings,
+    settings: DemoSettings | PointCloudDemoSettings,
     paths: DemoPaths,
     jobs: int,
     threads: int,
@@ -558,7 +733,9 @@ def run_all(
     if step_done(step0, paths):
         log.say(f"shared step 0 already trained: {display_path(paths.step_checkpoint(STEP0_NAME, 0))}")
     else:
-        log.say(f"training the shared step 0 (background + classes {class_span(STEP_CLASSES[0][1:])})")
+        protocol = paths.protocol
+        step0_classes = class_span(protocol.step_classes[0][1:])
+        log.say(f"training the shared step 0 ({protocol.class_names[0]} + classes {step0_classes})")
         timings[f"{STEP0_NAME}/0"] = run_command(step0, paths, threads, log)
     # Longest chains first (old-model forward, POD, pseudo-labels), so that side-by-side chains end
     # together instead of one heavy chain running alone at the end.
@@ -600,7 +777,7 @@ def record_timings(paths: DemoPaths, new: dict[str, dict]) -> dict[str, dict]:
 
 
 def method_command_lines(
-    methods: Sequence[str], settings: DemoSettings, paths: DemoPaths
+    methods: Sequence[str], settings: DemoSettings | PointCloudDemoSettings, paths: DemoPaths
 ) -> dict[str, list[str]]:
     """Every method's chain as shell command lines, the shared step-0 training first."""
     step0 = shlex.join(step0_command(settings, paths).argv)
@@ -620,15 +797,17 @@ def draw_predictions(methods: Sequence[str], paths: DemoPaths, threads: int, log
         predict,
         test_set,
     )
-    from utils.visualization import make_prediction_grid, voc_cmap
+    from utils.visualization import make_pointcloud_grid, make_prediction_grid, voc_cmap
 
+    protocol = paths.protocol
     figures: dict[str, str] = {}
-    last = NUM_STEPS - 1
+    last = protocol.num_steps - 1
     device = torch.device("cpu")
     torch.set_num_threads(threads)
     opts = load_step_options(paths.step_options(methods[0], last))
     dataset = test_set(opts)
-    images, labels, _ = pick_samples(dataset, GRID_IMAGES, N_STEP0_CLASSES, seed=0)
+    # Point clouds: (K, 9, N) float points and (K, N) labels, drawn seen from above.
+    images, labels, _ = pick_samples(dataset, GRID_IMAGES, protocol.n_step0_classes, seed=0)
     predictions = {}
     confusion_method = "LGKD" if "LGKD" in methods else methods[-1]
     for method in methods:
@@ -636,28 +815,36 @@ def draw_predictions(methods: Sequence[str], paths: DemoPaths, threads: int, log
         model = build_step_model(method_opts, paths.step_checkpoint(method, last), device)
         predictions[method] = predict(model, images)
         if method == confusion_method:
-            score = evaluate(model, dataset, N_CLASSES, device)
+            score = evaluate(model, dataset, protocol.n_classes, device)
             path = plot_confusion_matrix(
                 score["Confusion Matrix"],
                 paths.out / f"confusion_matrix_{method}.png",
+                class_names=protocol.class_names,
                 title=f"{method}, after step {last}: confusion matrix on the test set (rows sum to 1)",
-                n_step0_classes=N_STEP0_CLASSES,
+                n_step0_classes=protocol.n_step0_classes,
             )
             figures["confusion_matrix"] = display_path(path)
     cmap = voc_cmap()
-    grid = make_prediction_grid(images, labels, predictions, cmap, MEAN, STD)
+    if protocol.point_cloud:
+        tile = 128
+        grid = make_pointcloud_grid(images, labels, predictions, cmap, size=tile, radius=2)
+    else:
+        tile = images.shape[-1]
+        grid = make_prediction_grid(images, labels, predictions, cmap, MEAN, STD)
     shown = sorted(
         {int(v) for v in labels.unique().tolist()}
         | {int(v) for p in predictions.values() for v in p.unique().tolist()}
     )
-    legend = {c: (VOC_CLASS_NAMES[c], cmap[c].tolist()) for c in shown if c < N_CLASSES}
+    legend = {c: (protocol.class_names[c], cmap[c].tolist()) for c in shown if c < protocol.n_classes}
+    what = "Test blocks seen from above" if protocol.point_cloud else "Test images"
     path = plot_prediction_grid(
         grid,
-        ["image", "ground truth", *methods],
-        images.shape[-1],
+        ["colours" if protocol.point_cloud else "image", "ground truth", *methods],
+        tile,
         paths.out / "predictions.png",
         legend=legend,
-        title=f"Test images after step {last} (classes {class_span(new_classes())} were added after step 0)",
+        title=f"{what} after step {last} (classes {class_span(new_classes(protocol))} were added after "
+        "step 0)",
     )
     figures["predictions"] = display_path(path)
     log.say(f"drew the predictions of {', '.join(methods)} and the confusion matrix of {confusion_method}")
@@ -666,7 +853,7 @@ def draw_predictions(methods: Sequence[str], paths: DemoPaths, threads: int, log
 
 def report(
     methods: Sequence[str],
-    settings: DemoSettings,
+    settings: DemoSettings | PointCloudDemoSettings,
     paths: DemoPaths,
     timings: dict,
     log: Logger,
@@ -675,19 +862,23 @@ def report(
     threads: int = 1,
 ) -> dict:
     """Tables on stdout, summary.json and the figures."""
+    protocol = paths.protocol
     results = load_results(methods, paths)
+    class_figure = plot_final_class_iou(
+        results, paths.out / "final_class_iou.png", protocol.class_names, protocol.n_step0_classes
+    )
     figures = {
         "miou_per_step": display_path(
             plot_miou_per_step(
                 results,
                 paths.out / "miou_per_step.png",
-                N_STEP0_CLASSES,
-                N_CLASSES,
-                title=f"VOC {PROTOCOL} (task {TASK}) on synthetic data",
-                step_label=protocol_description(),
+                protocol.n_step0_classes,
+                protocol.n_classes,
+                title=f"{protocol.name} (task {protocol.task}) on {protocol.data_text}",
+                step_label=protocol_description(protocol),
             )
         ),
-        "final_class_iou": display_path(plot_final_class_iou(results, paths.out / "final_class_iou.png")),
+        "final_class_iou": display_path(class_figure),
     }
     if draw:
         figures.update(draw_predictions(methods, paths, threads, log))
@@ -696,7 +887,8 @@ def report(
         results,
         method_command_lines(methods, settings, paths),
         {
-            "protocol": f"{DATASET} {TASK} (VOC {PROTOCOL}): {protocol_description()}",
+            "protocol": f"{protocol.dataset} {protocol.task} ({protocol.name}): "
+            + protocol_description(protocol),
             "settings": asdict(settings),
             "quick": quick,
             "data_root": display_path(paths.data_root),
@@ -718,16 +910,16 @@ def report(
     write_json(summary, paths.out / "summary.json")
     print()
     print(
-        f"Final step {NUM_STEPS - 1} of {TASK} (VOC {PROTOCOL}) on synthetic data, mIoU in % "
-        "(as average_csv.py computes it):"
+        f"Final step {protocol.num_steps - 1} of {protocol.task} ({protocol.name}) on {protocol.data_text}, "
+        "mIoU in % (as average_csv.py computes it):"
     )
-    print(format_final_table(results, N_STEP0_CLASSES, N_CLASSES))
+    print(format_final_table(results, protocol.n_step0_classes, protocol.n_classes))
     print()
     print("mIoU over all seen classes after each step (%):")
     print(format_per_step_table(results))
     print()
     print("Markdown:")
-    print(format_markdown_table(results, N_STEP0_CLASSES, N_CLASSES))
+    print(format_markdown_table(results, protocol.n_step0_classes, protocol.n_classes))
     print()
     print(f"Summary: {display_path(paths.out / 'summary.json')}; figures: " + ", ".join(figures.values()))
     return summary
@@ -737,8 +929,14 @@ def report(
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=f"Continual learning demo on synthetic VOC-like data (VOC {PROTOCOL} with FT, MiB, PLOP, "
-        "LGKD).",
+        "LGKD), or on synthetic point clouds (--dataset scannet: ScanNet 15-1; s3dis: S3DIS 8-1).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--dataset",
+        default=DATASET,
+        choices=list(DEMO_DATASETS),
+        help="voc: images, DeepLabV3; scannet / s3dis: point clouds, DGCNN (3DPC-CISS protocol)",
     )
     parser.add_argument(
         "--methods",
@@ -758,14 +956,15 @@ def get_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         default=None,
-        help="output folder (None: results/demo, or results/demo_quick with --quick)",
+        help="output folder (None: results/demo, results/demo_scannet or results/demo_s3dis, with _quick "
+        "appended with --quick)",
     )
     parser.add_argument(
         "--data_root",
         type=Path,
         default=None,
-        help="synthetic data set folder, generated if missing (None: data/synthetic_demo, or "
-        "data/synthetic_demo_quick with --quick)",
+        help="synthetic data set folder, generated if missing (None: data/synthetic_demo, "
+        "data/synthetic_demo_scannet or data/synthetic_demo_s3dis, with _quick appended with --quick)",
     )
     parser.add_argument(
         "--threads",
@@ -797,22 +996,24 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--readme_figure",
         action="store_true",
-        help=f"also copy the mIoU figure to {display_path(README_FIGURE)}",
+        help=f"also copy the mIoU figure to {display_path(README_FIGURE)} (point clouds: "
+        "docs/images/demo_miou_{scannet,s3dis}.png)",
     )
     parser.add_argument("--dry_run", action="store_true", help="print the command lines and exit")
     return parser
 
 
 def resolve_paths(args: argparse.Namespace) -> DemoPaths:
-    suffix = "_quick" if args.quick else ""
+    dataset = getattr(args, "dataset", DATASET)
+    suffix = ("" if dataset == DATASET else f"_{dataset}") + ("_quick" if args.quick else "")
     out = args.out if args.out is not None else DEFAULT_OUT.with_name(DEFAULT_OUT.name + suffix)
     data_root = args.data_root if args.data_root is not None else ROOT / "data" / f"synthetic_demo{suffix}"
-    return DemoPaths(out=Path(out).resolve(), data_root=Path(data_root).resolve())
+    return DemoPaths(out=Path(out).resolve(), data_root=Path(data_root).resolve(), dataset=dataset)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
-    settings = QUICK if args.quick else FULL
+    settings = demo_settings(args.dataset, args.quick)
     paths = resolve_paths(args)
     methods = list(dict.fromkeys(args.methods))
     if args.dry_run:
@@ -824,8 +1025,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     log = Logger()
     log.say(
-        f"VOC {PROTOCOL} (task {TASK}) with {', '.join(methods)}; outputs in {display_path(paths.out)}"
-        + (" (quick smoke configuration)" if args.quick else "")
+        f"{paths.protocol.name} (task {paths.protocol.task}) with {', '.join(methods)}; "
+        f"outputs in {display_path(paths.out)}" + (" (quick smoke configuration)" if args.quick else "")
     )
     try:
         prepare_output(paths, settings, args.fresh)
@@ -838,7 +1039,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if args.readme_figure:
-        copy_figure(ROOT / summary["figures"]["miou_per_step"], README_FIGURE)
+        copy_figure(ROOT / summary["figures"]["miou_per_step"], paths.protocol.readme_figure)
     log.say(f"done in {log.elapsed() / 60:.1f} min ({cpu_seconds() / 60:.1f} min CPU)")
     return 0
 

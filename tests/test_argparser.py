@@ -173,6 +173,13 @@ NEW_DEFAULTS = {
     "no_resume": False,
     "scan_workers": None,
     "no_progress": False,
+    # The 3D track (issue 15).
+    "optimizer": "sgd",
+    "lr_decay_epochs": None,
+    "num_points": 2048,
+    "knn_k": 20,
+    "knn_chunk": 8192,
+    "xyz_norm": "block",
 }
 
 # Option types of the reference valued flags (booleans are covered by the defaults snapshot).
@@ -259,11 +266,12 @@ REFERENCE_TYPES = {
     ],
 }
 
+# The 3D track (issue 15) appends the point-cloud datasets and backbone after the reference choices.
 REFERENCE_CHOICES = {
-    "dataset": ["voc", "ade", "cityscapes_domain"],
+    "dataset": ["voc", "ade", "cityscapes_domain", "s3dis", "scannet"],
     "method": ["FT", "LWF", "LWF-MC", "ILT", "EWC", "RW", "PI", "MiB", "PLOP", "LGKD"],
     "lr_policy": ["poly", "step"],
-    "backbone": ["resnet18", "resnet34", "resnet50", "resnet101"],
+    "backbone": ["resnet18", "resnet34", "resnet50", "resnet101", "dgcnn"],
     "output_stride": [8, 16],
     "norm_act": ["iabn_sync", "iabn", "abn", "std", "iabn_sync_test"],
     "fusion_mode": ["mean", "voting", "max"],
@@ -423,7 +431,7 @@ def test_help_renders_and_uses_groups():
 
 
 def test_num_classes_and_derived_options():
-    for dataset in ("voc", "ade", "cityscapes_domain"):
+    for dataset in ("voc", "ade", "cityscapes_domain", "s3dis", "scannet"):
         assert resolved("--dataset", dataset).num_classes == NUM_CLASSES[dataset]
     assert NUM_CLASSES == {
         "voc": 21,
@@ -431,6 +439,8 @@ def test_num_classes_and_derived_options():
         "cityscapes_domain": 19,
         "cityscapes": 17,
         "cityscapes_classdomain": 19,
+        "s3dis": 14,  # background + 13 classes (issue 15)
+        "scannet": 21,  # unannotated (background) + 20 classes
     }
     opts = resolved()
     assert opts.no_overlap is True and opts.no_cross_val is True

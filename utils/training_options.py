@@ -52,6 +52,7 @@ FREE_OPTIONS: dict[str, str] = {
     "deterministic": "repeatable kernels of the same computation",
     "recompute_abn": "memory scheme of the same computation",
     "abn_impl": "implementation of the same batch-norm",
+    "knn_chunk": "memory bound of the kNN search, same neighbours (point clouds)",
     # what this invocation does
     "test": "evaluation instead of training",
     "no_resume": "start-over switch",

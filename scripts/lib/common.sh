@@ -60,7 +60,9 @@ require_data_root() {
             "'DATA_ROOT=/datasets bash $0'. Pascal VOC: the directory that contains PascalVOC2012/" \
             "(create it by running data/download_voc.sh inside that directory); ADE20k: the directory" \
             "that contains ADEChallengeData2016/ (data/download_ade.sh); Cityscapes: the Cityscapes" \
-            "root (leftImg8bit/, gtFine/; downloaded manually from cityscapes-dataset.com)."
+            "root (leftImg8bit/, gtFine/; downloaded manually from cityscapes-dataset.com); S3DIS and" \
+            "ScanNet: the directory that contains S3DIS/ or ScanNet/, cut into blocks by" \
+            "data/prepare_3d.py (see data/README_3d.md)."
     fi
     [[ -d "$DATA_ROOT" ]] || die "DATA_ROOT=$DATA_ROOT is not a directory. Set DATA_ROOT to the dataset" \
         "root (see the top of scripts/lib/common.sh; data/download_voc.sh and data/download_ade.sh" \

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# ScanNet v2: LwF (output distillation), 15-5.
+# 15 classes, then 5 per step (2 steps); 3DPC-CISS settings (scripts/lib/pointcloud.sh).
+# Usage: DATA_ROOT=/path/to/data_root [FOLD=1] [NB_GPU=1] bash scripts/scannet/lwf_15-5.sh
+# STEP0_CKPT=path/to/step0.pth: step 0 only evaluates it and step 1 starts from it.
+# Rerunning the script continues the experiment (finished steps are skipped, an interrupted one resumes);
+# FRESH=1 starts it over. Other variables (DRY_RUN, EXTRA_ARGS, PYTHON): see scripts/lib/common.sh.
+set -euo pipefail
+source "$(dirname "$0")/../lib/common.sh"
+source "$(dirname "$0")/../lib/pointcloud.sh"
+
+setup_experiment scannet "$(fold_task 15-5)" LWF LWF
+for step in 0 1; do
+    run_step "$step" "${POINT_CLOUD_ARGS[@]}"
+done
+summarize_results
