@@ -63,6 +63,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+common.setup_paths()
+from utils.files import write_text_atomically  # noqa: E402
+
 ROOT = common.ROOT
 PY = sys.executable
 SCRIPT = Path(__file__).resolve()
@@ -522,9 +525,7 @@ class GpuCheck:
             (REPORT_JSON, json.dumps(self.report, indent=2, sort_keys=True, default=str) + "\n"),
             (REPORT_MD, render_markdown(self.report)),
         ):
-            tmp = self.out / (name + ".tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, self.out / name)
+            write_text_atomically(self.out / name, text)
 
     # ------------------------------------------------------------------ steps
     def run(self) -> int:

@@ -45,8 +45,7 @@ from typing import Any
 import numpy as np
 
 from utils.errors import DatasetError
-
-from .incremental import _atomic_write
+from utils.files import write_text_atomically
 
 logger = logging.getLogger("LGKD.dataset")
 
@@ -529,8 +528,7 @@ def _settings(dataset: str, block_size: float, stride: float, min_points: int) -
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    text = json.dumps(payload, sort_keys=True) + "\n"
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    write_text_atomically(path, json.dumps(payload, sort_keys=True) + "\n")
 
 
 def _prepare_room(job: tuple[RoomJob, str, dict[str, Any], dict[str, int] | None]) -> dict[str, Any]:

@@ -21,7 +21,6 @@ import os
 import pickle
 import pickletools
 import re
-import tempfile
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -34,12 +33,7 @@ import torch
 from torch import nn
 
 from utils.errors import CheckpointError, TrainingError, UserError
-from utils.files import (
-    TEMP_SUFFIX,
-    describe_os_error,
-    output_error,
-    temp_prefix,
-)
+from utils.files import describe_os_error, output_error, write_atomically
 
 PREFIX = "module."
 IMAGENET_URL = "https://github.com/Ze-Yang/LGKD/releases/download/v1.0/resnet101_iabn_sync.pth.tar"
@@ -241,7 +235,7 @@ class _ErrnoKeepingWriter:
 
 
 def save_checkpoint(obj: Any, path: str | os.PathLike[str], hint: str = "") -> None:
-    """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``.
+    """``torch.save`` through :func:`utils.files.write_atomically`: temporary file, fsync, rename.
 
     A crash, a signal or a full disk never leaves a truncated ``path``; the temporary file is removed on
     failure.
@@ -255,28 +249,19 @@ def save_checkpoint(obj: Any, path: str | os.PathLike[str], hint: str = "") -> N
         OutputError: the file could not be written (its ``errno`` is the system's); ``path`` is unchanged.
     """
     path = Path(path)
-    tmp_name: str | None = None
+
+    def write(handle: Any) -> None:
+        writer = _ErrnoKeepingWriter(handle)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
-        with os.fdopen(fd, "wb") as handle:
-            writer = _ErrnoKeepingWriter(handle)
-            try:
-                torch.save(obj, writer)
-            except RuntimeError:
-                if writer.error is not None:
-                    raise writer.error from None
-                raise
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp creates the file owner-only; checkpoints are shared like any other output (umask applies).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        os.replace(tmp_name, path)
+        write_atomically(path, write)
     except OSError as err:
-        if tmp_name is not None:
-            _remove_quietly(tmp_name)
         if isinstance(err, UserError):
             raise
         kept = (
@@ -285,25 +270,6 @@ def save_checkpoint(obj: Any, path: str | os.PathLike[str], hint: str = "") -> N
             else f"Nothing was written to {path.name}."
         )
         raise output_error("the checkpoint", path, err, kept, hint) from err
-    except BaseException:
-        if tmp_name is not None:
-            _remove_quietly(tmp_name)
-        raise
-    # Persist the rename itself (POSIX); not possible on every platform/filesystem.
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _remove_quietly(name: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(name)
 
 
 # ---------------------------------------------------------------------------------------------- entries
