@@ -15,13 +15,11 @@ is re-exported here because the reference exposed it from ``train.py``.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from dataset.transform import normalize_on_device
 from utils import distributed as dist_utils
@@ -40,8 +38,6 @@ from utils.pseudo_label import PseudoLabeler, find_median
 from utils.regularizer import get_regularizer
 
 __all__ = ["Trainer", "features_distillation", "autocast_settings"]
-
-logger = logging.getLogger("LGKD.train")
 
 # Reference behaviour (§8.10): interval logging every 10 iterations, hard-coded in the reference;
 # --print_interval (default 10) now drives it.
@@ -63,10 +59,6 @@ def uses_grad_scaler(opts: Any, device: torch.device) -> bool:
     """Whether the run scales its loss (fp16 autocast on CUDA): bf16 and fp32 need no ``GradScaler``."""
     enabled, dtype = autocast_settings(opts, device)
     return enabled and dtype == torch.float16
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 class Trainer:
@@ -96,7 +88,7 @@ class Trainer:
         scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         self.model = model
-        self.model_without_ddp = _unwrap(model)
+        self.model_without_ddp = dist_utils.unwrap_model(model)
         self.model_old = model_old
         self.device = device
         self.step = step

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from utils.distributed import unwrap_model
 from utils.errors import CheckpointError, TrainingError, UserError
 from utils.files import describe_os_error, output_error, write_atomically
 
@@ -483,10 +484,6 @@ def _check_backbone(state: Mapping[str, Any], model_state: Mapping[str, Any], so
     )
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def _check_state_types(state: Mapping[Any, Any], source: str) -> None:
     bad = [
         f"{key!r}: {type(value).__name__}"
@@ -529,7 +526,7 @@ def check_model_state(
             missing/unexpected keys or shapes.
     """
     _check_state_types(state, source)
-    model = _unwrap(model)
+    model = unwrap_model(model)
     state = strip_module_prefix(state)
     model_state = model.state_dict()
     ckpt_sizes, model_sizes = classifier_sizes(state), classifier_sizes(model_state)
@@ -585,7 +582,7 @@ def load_model_state(
     """
     state = check_model_state(model, state, strict, source=source)
     with loading_entry(source, "model_state"):
-        return _unwrap(model).load_state_dict(state, strict=strict)
+        return unwrap_model(model).load_state_dict(state, strict=strict)
 
 
 def checkpoint_summary(ckpt: Mapping[str, Any]) -> dict[str, Any]:
