@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import tasks
 from argparser import get_argparser, modify_command_options, save_options, validate_options
 from dataset import build_datasets
+from dataset.transform import IMAGENET_MEAN, IMAGENET_STD
 from metrics import StreamSegMetrics, confusion_matrix_to_fig
 from segmentation_module import make_model
 from train import Trainer, uses_grad_scaler
@@ -82,8 +83,6 @@ from utils.visualization import make_prediction_grid
 # Reference behaviour (§7.4): validate when (epoch+1) % val_interval == 0 from epoch 30 on, or after the
 # last epoch. With the default --val_interval 60 only the last epoch of VOC runs is evaluated.
 MIN_EPOCH_FOR_VALIDATION = 30
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ---------------------------------------------------------------------------------------------- checks

@@ -34,9 +34,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-#: ImageNet statistics used by every reference preset.
-MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+#: ImageNet statistics used by every reference preset (and to show normalised images again).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD  # the names the transforms' defaults use
 
 Pair = tuple[Any, Any]
 
