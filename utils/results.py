@@ -11,8 +11,9 @@ from utils.errors import OptionsError, OutputError, UserError
 from utils.filelock import locked
 from utils.files import describe_os_error, output_error, remove_stray_temp_files, write_text_atomically
 
-ABSENT = "X"  # class absent from the test ground truth
-NOT_LEARNED = "x"  # class index beyond the current metric size
+# The two non-numeric cells of a results row, owned here and read by metrics, average_csv.py and the demo:
+ABSENT = "X"  # the class is absent from the step's test ground truth (StreamSegMetrics' "Class IoU")
+NOT_LEARNED = "x"  # the class is not learned yet at that step (index beyond the current metric size)
 
 
 def _check_component(label: str, value: str) -> str:
