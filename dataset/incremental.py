@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import multiprocessing
 import os
 import sys
@@ -31,10 +30,11 @@ from torch.utils.data import Dataset
 from utils.distributed import is_main_process, main_process_first
 from utils.errors import DatasetError, OptionsError, TaskError
 from utils.files import write_atomically, write_text_atomically
+from utils.logger import get_logger
 
 from .transform import ToTensor, label_to_tensor
 
-logger = logging.getLogger("LGKD.dataset")
+logger = get_logger("dataset")
 
 #: Bumped whenever the meaning of a cached index file changes. 2: the scan also refuses masks whose size
 #: differs from their image's, so splits cached before that check are scanned again.

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import math
 import multiprocessing
 import os
@@ -46,8 +45,9 @@ import numpy as np
 
 from utils.errors import DatasetError
 from utils.files import write_text_atomically
+from utils.logger import get_logger
 
-logger = logging.getLogger("LGKD.dataset")
+logger = get_logger("dataset")
 
 #: Class names by class id. S3DIS: the 13 classes of s3dis_classnames.txt after a background 0 that no
 #: point carries. ScanNet: "unannotated" (background) and the 20 benchmark classes of scannet_classnames.txt.

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from dataset.transform import normalize_on_device
 from utils.errors import OptionsError
+from utils.logger import get_logger
 from utils.loss import IGNORE_INDEX, entropy
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PseudoLabeler", "PseudoLabels", "entropy", "find_median", "median_mode"]
 
-logger = logging.getLogger("LGKD.utils.pseudo_label")
+logger = get_logger("utils.pseudo_label")
 
 PSEUDO_MODES = ("naive", "confidence", "threshold_<t>", "median", "entropy")
 
