@@ -566,9 +566,7 @@ def fit(
         log.add_scalar("E-Loss-cls", class_loss, epoch)
         if should_validate(epoch + 1, opts.val_interval, opts.epochs):
             progress.phase = "validation"
-            val_loss, score, samples = trainer.validate(
-                test_loader, metrics, sample_ids, logger=log, end_task=True
-            )
+            val_loss, score, samples = trainer.validate(test_loader, metrics, sample_ids)
             log_validation(log, opts, epoch, val_loss, score, samples)
             state.test_scores[epoch + 1] = plain_score(score)
             if score["Mean IoU"] > state.best_score:
@@ -924,7 +922,7 @@ def train_step(
     log.add_table("Opts", vars(opts))
     # Reference behaviour (§7.2 step 8): the reference draws (and prints) one torch random number here.
     log.debug(f"Random draw {torch.randint(0, 100, (1, 1)).item()}")
-    trainer.before(loaders[0], logger=log)
+    trainer.before(loaders[0])
     if saved_rng is not None and len(saved_rng) == info.world_size:
         with loading_entry(str(plan.resume_path), "rng_state"):
             set_rng_state(saved_rng[info.rank])

@@ -176,7 +176,7 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ public API
-    def before(self, train_loader: Iterable, logger: Any = None) -> None:
+    def before(self, train_loader: Iterable) -> None:
         """Compute the per-class pseudo-label thresholds before training (PLOP §3.2; spec §8.2).
 
         Reference behaviour (§8.2 / Q5): each rank runs on its own shard without synchronisation.
@@ -350,8 +350,6 @@ class Trainer:
         loader: Any,
         metrics: Any,
         ret_samples_ids: list[int] | None = None,
-        logger: Any = None,
-        end_task: bool = False,
     ) -> tuple[tuple[float, float], dict, list]:
         """Evaluate on ``loader`` (spec §8.11): losses unweighted as the reference, metrics on the device.
 

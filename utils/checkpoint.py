@@ -126,7 +126,7 @@ def _disallowed_content(message: str, path: Path) -> str | None:
     return None
 
 
-def _unsafe(path: Path, what: str, exc: BaseException) -> CheckpointError:
+def _unsafe(path: Path, what: str) -> CheckpointError:
     return CheckpointError(
         f"Refused to load {path}: it contains code or objects that are not allowed ({what}). Loading it "
         "would mean executing code, and checkpoints are always loaded with torch.load(weights_only=True), "
@@ -181,7 +181,7 @@ def load_checkpoint(
     except pickle.UnpicklingError as exc:
         what = _disallowed_content(str(exc), path)
         if what is not None:
-            raise _unsafe(path, what, exc) from exc
+            raise _unsafe(path, what) from exc
         raise _corrupt(path, exc) from exc
     except OSError as exc:
         raise CheckpointError(
