@@ -72,7 +72,11 @@ class Trainer:
         trainer_state: the previous step's ``trainer_state`` (regulariser state), or None.
         classes: classes per step (``tasks.get_per_task_classes``), None in test mode.
         step: the incremental step.
-        scaler: a ``torch.amp.GradScaler`` (disabled for fp32/bf16); created if None.
+        scaler: a ``torch.amp.GradScaler`` (disabled for fp32/bf16); created if None, enabled exactly when
+            the autocast dtype is fp16.
+        autocast: ``(enabled, dtype)`` of ``torch.autocast`` around the forward passes; None: from
+            ``--opt_level`` / ``--amp_dtype`` (:func:`autocast_settings`: autocast on CUDA only). The
+            benchmarks and precision tests pass it to exercise CPU autocast.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class Trainer:
         step: int = 0,
         *,
         scaler: torch.amp.GradScaler | None = None,
+        autocast: tuple[bool, torch.dtype] | None = None,
     ) -> None:
         self.model = model
         self.model_without_ddp = dist_utils.unwrap_model(model)
@@ -117,8 +122,12 @@ class Trainer:
             old_state = (trainer_state or {}).get("regularizer")
             self.regularizer = get_regularizer(self.model_without_ddp, model_old, device, opts, old_state)
 
-        self.amp_enabled, self.amp_dtype = autocast_settings(opts, device)
-        self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=uses_grad_scaler(opts, device))
+        if autocast is None:
+            autocast = autocast_settings(opts, device)
+        self.amp_enabled, self.amp_dtype = autocast
+        # Loss scaling only for fp16 (uses_grad_scaler for the options' own setting): bf16 and fp32 need none.
+        scaled = self.amp_enabled and self.amp_dtype == torch.float16
+        self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=scaled)
         self.channels_last = _wants_channels_last(opts, device)
         self.print_interval = getattr(opts, "print_interval", None) or DEFAULT_PRINT_INTERVAL
         self.show_progress = not getattr(opts, "no_progress", False)
