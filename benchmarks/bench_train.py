@@ -216,7 +216,7 @@ def run_jobs(payload: dict[str, Any]) -> dict[str, Any]:
 
 def _norm_layer_name(model: Any) -> str:
     """Module and class of the first normalisation layer of the body, to show what was measured
-    (``modules.misc.InPlaceABNSync`` is ours, ``inplace_abn...`` the compiled package)."""
+    (``modules.abn.InPlaceABNSync`` is ours, ``inplace_abn...`` the compiled package)."""
     layer = getattr(getattr(getattr(model, "body", model), "mod1", None), "bn1", None)
     if layer is None:
         return "?"
