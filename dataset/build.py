@@ -15,8 +15,9 @@ from .ade import AdeSegmentationIncremental
 from .cityscapes_domain import CITYSCAPES_CLASSES, CityscapesSegmentationIncrementalDomain
 from .incremental import IncrementalSegmentationDataset
 from .pointcloud import S3DISSegmentationIncremental, ScanNetSegmentationIncremental
-from .pointcloud_transform import eval_transform_3d, train_transform_3d
-from .transform import train_transform, val_transform
+from .pointcloud_transform import PointCloudTransform
+from .presets import eval_transform_3d, train_transform, train_transform_3d, val_transform
+from .transform import Compose
 from .voc import VOCSegmentationIncremental
 
 DATASETS: dict[str, type[IncrementalSegmentationDataset]] = {
@@ -67,21 +68,35 @@ def split_cache_dir(opts: Any, path_base: str) -> Path:
     return Path(base)
 
 
+def step_transforms(opts: Any) -> tuple[Compose | PointCloudTransform, Compose | PointCloudTransform]:
+    """The (training, evaluation) presets of a run: the image presets at ``--crop_size`` (``--crop_val``),
+    or for point clouds the block presets at ``opts.num_points`` (default 2048) points and
+    ``opts.xyz_norm`` (default ``block``) when the options have them."""
+    if opts.dataset in POINT_CLOUD_DATASETS:
+        num_points = getattr(opts, "num_points", None) or DEFAULT_NUM_POINTS
+        xyz_norm = getattr(opts, "xyz_norm", None) or "block"
+        return train_transform_3d(num_points, xyz_norm), eval_transform_3d(num_points, xyz_norm)
+    return train_transform(opts.crop_size), val_transform(opts.crop_size, opts.crop_val)
+
+
 def build_datasets(opts: Any) -> DatasetBundle:
-    """Reference ``get_dataset`` (§4.3 table): the step's train, val and test sets.
+    """Reference ``get_dataset`` (§4.3 table): the step's train, val and test sets, of images or of
+    point-cloud blocks (S3DIS, ScanNet: same roles and cache files, 3DPC-CISS transforms).
 
     * train: the training split, current/previous labels, ``--overlap``, ``--data_masking``,
       ``--test_on_val``; cache ``train-{step}.npy``.
     * val: a random 80/20 split of train with ``--cross_val`` (it then keeps the training transform),
-      otherwise the val split with overlap filtering; cache ``val-{step}.npy``.
+      otherwise the val split (the test split's blocks) with overlap filtering; cache ``val-{step}.npy``.
     * test: the val split (train split with ``--val_on_trainset``), labels = every seen class and no
-      previous ones, overlap filtering, ``current`` masking, ``--ignore_test_bg`` (ADE);
-      cache ``test_on_val-{step}.npy`` / ``test_on_train-{step}.npy``.
+      previous ones, overlap filtering, ``current`` masking, ``--ignore_test_bg`` (ADE, point clouds);
+      every block of the split for point clouds; cache ``test_on_val-{step}.npy`` /
+      ``test_on_train-{step}.npy``.
 
-    S3DIS and ScanNet go to :func:`build_point_cloud_datasets` (same roles, point-cloud items).
+    The transforms are the presets :func:`step_transforms` picks.
 
     Args:
-        opts: parsed options (reference dests plus ``cache_dir``, ``scan_workers``, ``no_progress``).
+        opts: parsed options (reference dests plus ``cache_dir``, ``scan_workers``, ``no_progress``; for
+            point clouds ``num_points`` and ``xyz_norm`` when present).
 
     Raises:
         OptionsError: unknown dataset. TaskError (from tasks.py): unknown task or step.
@@ -103,10 +118,10 @@ def build_datasets(opts: Any) -> DatasetBundle:
         "progress": not getattr(opts, "no_progress", False),
     }
     step, masking = opts.step, not opts.no_mask
-    if opts.dataset in POINT_CLOUD_DATASETS:
-        return build_point_cloud_datasets(opts, labels, labels_old, cache, common)
-    train_tf = train_transform(opts.crop_size)
-    val_tf = val_transform(opts.crop_size, opts.crop_val)
+    train_tf, eval_tf = step_transforms(opts)
+    # What only the test set gets: VOC's --test_on_val hold-out, or for point clouds every block.
+    point_clouds = opts.dataset in POINT_CLOUD_DATASETS
+    test_only = {"filter_blocks": False} if point_clouds else {"test_on_val": opts.test_on_val}
 
     train_dst: Dataset = dataset_cls(
         root=opts.data_root, train=True, transform=train_tf, labels=list(labels),
@@ -121,7 +136,7 @@ def build_datasets(opts: Any) -> DatasetBundle:
         train_dst, val_dst = random_split(train_dst, [train_len, len(train_dst) - train_len])
     else:
         val_dst = dataset_cls(
-            root=opts.data_root, train=False, transform=val_tf, labels=list(labels),
+            root=opts.data_root, train=False, transform=eval_tf, labels=list(labels),
             labels_old=list(labels_old), idxs_path=cache / f"val-{step}.npy", masking=masking,
             overlap=True, data_masking=opts.data_masking, step=step, **common,
         )
@@ -129,60 +144,12 @@ def build_datasets(opts: Any) -> DatasetBundle:
     # Reference behaviour (§4.3 / Q3): the test set holds every seen class with no "old" ones, so it is
     # filtered to images with at least one seen class and future classes become background.
     test_dst = dataset_cls(
-        root=opts.data_root, train=opts.val_on_trainset, transform=val_tf, labels=list(labels_cum),
-        idxs_path=cache / f"test_on_{image_set}-{step}.npy", test_on_val=opts.test_on_val, step=step,
-        ignore_test_bg=opts.ignore_test_bg, **common,
+        root=opts.data_root, train=opts.val_on_trainset, transform=eval_tf, labels=list(labels_cum),
+        idxs_path=cache / f"test_on_{image_set}-{step}.npy", step=step, ignore_test_bg=opts.ignore_test_bg,
+        **test_only, **common,
     )
     n_classes = len(CITYSCAPES_CLASSES) if opts.dataset == "cityscapes_domain" else len(labels_cum)
     return DatasetBundle(
         train=train_dst, val=val_dst, test=test_dst, labels=list(labels), labels_old=list(labels_old),
         labels_cum=list(labels_cum), n_classes=n_classes,
-    )
-
-
-def build_point_cloud_datasets(
-    opts: Any, labels: list[int], labels_old: list[int], cache: Path, common: dict[str, Any]
-) -> DatasetBundle:
-    """The 3D counterpart of :func:`build_datasets` (S3DIS, ScanNet), same roles and cache files.
-
-    * train: training split, blocks with a current class (overlap) or without future ones (disjoint),
-      3DPC-CISS augmentation; cache ``train-{step}.npy``.
-    * val: ``--cross_val`` 80/20 random split of train, otherwise the test split's blocks with a current
-      class, evaluation sampling; cache ``val-{step}.npy``.
-    * test: every block of the test split (of the training split with ``--val_on_trainset``), labels =
-      every seen class, other classes background (or ignored with ``--ignore_test_bg``); cache
-      ``test_on_val-{step}.npy`` / ``test_on_train-{step}.npy``.
-
-    Reads ``opts.num_points`` (default 2048) and ``opts.xyz_norm`` (default ``block``) when present.
-    """
-    dataset_cls = DATASETS[opts.dataset]
-    labels_cum = labels_old + labels
-    step, masking = opts.step, not opts.no_mask
-    num_points = getattr(opts, "num_points", None) or DEFAULT_NUM_POINTS
-    xyz_norm = getattr(opts, "xyz_norm", None) or "block"
-    eval_tf = eval_transform_3d(num_points, xyz_norm)
-    train_dst: Dataset = dataset_cls(
-        root=opts.data_root, train=True, transform=train_transform_3d(num_points, xyz_norm),
-        labels=list(labels), labels_old=list(labels_old), idxs_path=cache / f"train-{step}.npy",
-        masking=masking, overlap=opts.overlap, data_masking=opts.data_masking, test_on_val=opts.test_on_val,
-        step=step, **common,
-    )
-    if opts.cross_val:
-        train_len = int(0.8 * len(train_dst))
-        train_dst, val_dst = random_split(train_dst, [train_len, len(train_dst) - train_len])
-    else:
-        val_dst = dataset_cls(
-            root=opts.data_root, train=False, transform=eval_tf, labels=list(labels),
-            labels_old=list(labels_old), idxs_path=cache / f"val-{step}.npy", masking=masking, overlap=True,
-            data_masking=opts.data_masking, step=step, **common,
-        )
-    image_set = "train" if opts.val_on_trainset else "val"
-    test_dst = dataset_cls(
-        root=opts.data_root, train=opts.val_on_trainset, transform=eval_tf, labels=list(labels_cum),
-        idxs_path=cache / f"test_on_{image_set}-{step}.npy", filter_blocks=False, step=step,
-        ignore_test_bg=opts.ignore_test_bg, **common,
-    )
-    return DatasetBundle(
-        train=train_dst, val=val_dst, test=test_dst, labels=list(labels), labels_old=list(labels_old),
-        labels_cum=list(labels_cum), n_classes=len(labels_cum),
     )

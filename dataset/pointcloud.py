@@ -55,7 +55,8 @@ from .pointcloud_raw import (
     blocks_dirname,
     found_in,
 )
-from .pointcloud_transform import PointCloudTransform, eval_transform_3d
+from .pointcloud_transform import PointCloudTransform
+from .presets import eval_transform_3d
 
 logger = get_logger("dataset")
 
