@@ -105,10 +105,11 @@ def pipeline_transform(pipeline: str, crop: int) -> Any:
     """The training transform of ``pipeline``: ``"uint8"`` = ``train_transform`` (ends with PILToTensor),
     ``"float"`` = the same geometry then ``ToTensor`` + ``Normalize`` in the worker, as before."""
     common.setup_paths()
+    from dataset import presets
     from dataset import transform as T
 
     if pipeline == "uint8":
-        return T.train_transform(crop)
+        return presets.train_transform(crop)
     if pipeline == "float":
         return T.Compose(
             [
