@@ -40,6 +40,20 @@ from torch.utils.checkpoint import checkpoint
 
 from utils.errors import OptionsError
 
+__all__ = [
+    "ABN",
+    "ACTIVATIONS",
+    "BatchNormAct2d",
+    "InPlaceABN",
+    "InPlaceABNSync",
+    "abs_plus_eps",
+    "all_reduce_sum_differentiable",
+    "apply_activation",
+    "check_activation",
+    "import_inplace_abn",
+    "is_norm_layer",
+]
+
 ACTIVATIONS = ("leaky_relu", "elu", "relu", "identity")
 
 
@@ -324,7 +338,22 @@ class _SharedRef:
         return _SharedRef, (None,)
 
 
-class ABN(nn.Module):
+class _ActivationAttribute:
+    """The ``activation`` attribute of the activated norm layers: checked when set, and changeable after
+    construction (``modules.residual.identity_norm`` turns a layer's activation to ``identity``)."""
+
+    _activation: str
+
+    @property
+    def activation(self) -> str:
+        return self._activation
+
+    @activation.setter
+    def activation(self, value: str) -> None:
+        self._activation = check_activation(value)
+
+
+class ABN(_ActivationAttribute, nn.Module):
     """Activated batch normalisation: ``act(batch_norm(x) * weight + bias)`` (inplace_abn ``ABN``).
 
     Args:
@@ -366,14 +395,6 @@ class ABN(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self.reset_parameters()
-
-    @property
-    def activation(self) -> str:
-        return self._activation
-
-    @activation.setter
-    def activation(self, value: str) -> None:
-        self._activation = check_activation(value)
 
     def reset_running_stats(self) -> None:
         self.running_mean.zero_()
@@ -594,7 +615,7 @@ class InPlaceABNSync(InPlaceABN):
         return super().extra_repr() + (", group=WORLD" if world else ", group=custom")
 
 
-class BatchNormAct2d(nn.BatchNorm2d):
+class BatchNormAct2d(_ActivationAttribute, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` then an activation, with ABN's ``activation``/``activation_param`` attributes.
 
     Used for ``--norm_act std`` (the reference crashed there, Q12, because BatchNorm2d had no
@@ -625,14 +646,6 @@ class BatchNormAct2d(nn.BatchNorm2d):
         self.activation = activation
         self.activation_param = activation_param
         self.recompute = recompute
-
-    @property
-    def activation(self) -> str:
-        return self._activation
-
-    @activation.setter
-    def activation(self, value: str) -> None:
-        self._activation = check_activation(value)
 
     def _bn_act(self, x: torch.Tensor, update_running: bool) -> torch.Tensor:
         if update_running or self.running_mean is None:

@@ -3,30 +3,5 @@
 New code imports from :mod:`modules.abn` or from :mod:`modules`.
 """
 
-from .abn import (
-    ABN,
-    ACTIVATIONS,
-    BatchNormAct2d,
-    InPlaceABN,
-    InPlaceABNSync,
-    abs_plus_eps,
-    all_reduce_sum_differentiable,
-    apply_activation,
-    check_activation,
-    import_inplace_abn,
-    is_norm_layer,
-)
-
-__all__ = [
-    "ABN",
-    "ACTIVATIONS",
-    "BatchNormAct2d",
-    "InPlaceABN",
-    "InPlaceABNSync",
-    "abs_plus_eps",
-    "all_reduce_sum_differentiable",
-    "apply_activation",
-    "check_activation",
-    "import_inplace_abn",
-    "is_norm_layer",
-]
+from .abn import *  # noqa: F403  (every public name of modules.abn, listed in its __all__)
+from .abn import __all__  # noqa: F401

@@ -386,9 +386,17 @@ class FocalLoss(nn.Module):
 
     def forward(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """Args: inputs (B, C, H, W) logits; targets (B, H, W) labels."""
-        ce = F.cross_entropy(upcast_fp32(inputs), targets, reduction="none", ignore_index=self.ignore_index)
-        focal = self.alpha * (1 - torch.exp(-ce)) ** self.gamma * ce
+        _, focal = _cross_entropy_and_focal(inputs, targets, self.alpha, self.gamma, self.ignore_index)
         return _reduce(focal, self.reduction)
+
+
+def _cross_entropy_and_focal(
+    inputs: Tensor, targets: Tensor, alpha: float, gamma: float, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    """Per-pixel CE (B, H, W), 0 on ignored pixels, and the focal loss ``alpha (1 - p_t)^gamma CE`` (Lin et
+    al., ICCV 2017, Eq. 5, with ``p_t = exp(-CE)``), both in fp32."""
+    ce = F.cross_entropy(upcast_fp32(inputs), targets, reduction="none", ignore_index=ignore_index)
+    return ce, alpha * (1 - torch.exp(-ce)) ** gamma * ce
 
 
 class FocalLossNew(nn.Module):
@@ -419,8 +427,7 @@ class FocalLossNew(nn.Module):
 
     def forward(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """Args: inputs (B, C, H, W) logits; targets (B, H, W) labels."""
-        ce = F.cross_entropy(upcast_fp32(inputs), targets, reduction="none", ignore_index=self.ignore_index)
-        focal = self.alpha * (1 - torch.exp(-ce)) ** self.gamma * ce
+        ce, focal = _cross_entropy_and_focal(inputs, targets, self.alpha, self.gamma, self.ignore_index)
         loss = torch.where(targets >= self.index, focal, ce)  # ignored pixels have ce = 0 either way
         return _reduce(loss, self.reduction)
 
