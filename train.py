@@ -57,7 +57,11 @@ def autocast_settings(opts: Any, device: torch.device) -> tuple[bool, torch.dtyp
 
 def uses_grad_scaler(opts: Any, device: torch.device) -> bool:
     """Whether the run scales its loss (fp16 autocast on CUDA): bf16 and fp32 need no ``GradScaler``."""
-    enabled, dtype = autocast_settings(opts, device)
+    return _scales_loss(*autocast_settings(opts, device))
+
+
+def _scales_loss(enabled: bool, dtype: torch.dtype) -> bool:
+    """Loss scaling is for fp16 autocast only (its gradients underflow); bf16 and fp32 need none."""
     return enabled and dtype == torch.float16
 
 
@@ -125,8 +129,7 @@ class Trainer:
         if autocast is None:
             autocast = autocast_settings(opts, device)
         self.amp_enabled, self.amp_dtype = autocast
-        # Loss scaling only for fp16 (uses_grad_scaler for the options' own setting): bf16 and fp32 need none.
-        scaled = self.amp_enabled and self.amp_dtype == torch.float16
+        scaled = _scales_loss(self.amp_enabled, self.amp_dtype)
         self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=scaled)
         self.channels_last = _wants_channels_last(opts, device)
         self.print_interval = getattr(opts, "print_interval", None) or DEFAULT_PRINT_INTERVAL
