@@ -34,14 +34,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NoReturn
 
 import tasks
 from utils.errors import OptionsError
+from utils.files import write_text_atomically
 
 IMAGE_DATASETS = ("voc", "ade", "cityscapes_domain")
 #: Point-cloud datasets (the 3DPC-CISS protocol): items are (9, N) points, the model is DGCNN.
@@ -1575,18 +1574,7 @@ def save_options(opts: argparse.Namespace | Mapping[str, Any], path: str | os.Pa
 
     Values JSON cannot represent (e.g. ``Path``) are written as strings. Parent directories are created.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_options_dict(opts), sort_keys=True, indent=2, default=str) + "\n"
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; the dump is an ordinary, shareable log file
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_text_atomically(path, json.dumps(_options_dict(opts), sort_keys=True, indent=2, default=str) + "\n")
 
 
 def load_options(path: str | os.PathLike[str]) -> argparse.Namespace:

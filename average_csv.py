@@ -25,8 +25,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-ABSENT = "X"  # class absent from the test ground truth of that step
-NOT_LEARNED = "x"  # class not learned yet at that step
+from utils.results import ABSENT, NOT_LEARNED  # class absent from a step's test set / not learned yet
 
 EXIT_BAD_INPUT = 1
 EXIT_USAGE = 2

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import tasks
 from argparser import is_point_cloud, parse_command_line, save_options, validate_options
 from dataset import build_datasets
+from dataset.transform import IMAGENET_MEAN, IMAGENET_STD
 from metrics import StreamSegMetrics, confusion_matrix_to_fig
 from segmentation_module import make_model
 from train import Trainer, uses_grad_scaler
@@ -82,8 +83,6 @@ from utils.visualization import make_pointcloud_grid, make_prediction_grid
 # Reference behaviour (§7.4): validate when (epoch+1) % val_interval == 0 from epoch 30 on, or after the
 # last epoch. With the default --val_interval 60 only the last epoch of VOC runs is evaluated.
 MIN_EPOCH_FOR_VALIDATION = 30
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -574,9 +573,7 @@ def fit(
         log.add_scalar("E-Loss-cls", class_loss, epoch)
         if should_validate(epoch + 1, opts.val_interval, opts.epochs):
             progress.phase = "validation"
-            val_loss, score, samples = trainer.validate(
-                test_loader, metrics, sample_ids, logger=log, end_task=True
-            )
+            val_loss, score, samples = trainer.validate(test_loader, metrics, sample_ids)
             log_validation(log, opts, epoch, val_loss, score, samples)
             state.test_scores[epoch + 1] = plain_score(score)
             if score["Mean IoU"] > state.best_score:
@@ -935,7 +932,7 @@ def train_step(
     log.add_table("Opts", vars(opts))
     # Reference behaviour (§7.2 step 8): the reference draws (and prints) one torch random number here.
     log.debug(f"Random draw {torch.randint(0, 100, (1, 1)).item()}")
-    trainer.before(loaders[0], logger=log)
+    trainer.before(loaders[0])
     if saved_rng is not None and len(saved_rng) == info.world_size:
         with loading_entry(str(plan.resume_path), "rng_state"):
             set_rng_state(saved_rng[info.rank])

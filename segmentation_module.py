@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,9 @@ from modules import (
 from utils.checkpoint import load_imagenet_weights
 from utils.distributed import all_reduce_sum, is_dist_avail_and_initialized
 from utils.errors import OptionsError
+from utils.logger import get_logger
 
-logger = logging.getLogger("LGKD.segmentation_module")
+logger = get_logger("segmentation_module")
 
 HEAD_CHANNELS = 256
 NORM_ACTS = ("iabn_sync", "iabn", "abn", "std", "iabn_sync_test")

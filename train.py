@@ -15,13 +15,11 @@ is re-exported here because the reference exposed it from ``train.py``.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from dataset.transform import normalize_on_device
 from utils import distributed as dist_utils
@@ -41,8 +39,6 @@ from utils.regularizer import get_regularizer
 
 __all__ = ["Trainer", "features_distillation", "autocast_settings"]
 
-logger = logging.getLogger("LGKD.train")
-
 # Reference behaviour (§8.10): interval logging every 10 iterations, hard-coded in the reference;
 # --print_interval (default 10) now drives it.
 DEFAULT_PRINT_INTERVAL = 10
@@ -61,12 +57,12 @@ def autocast_settings(opts: Any, device: torch.device) -> tuple[bool, torch.dtyp
 
 def uses_grad_scaler(opts: Any, device: torch.device) -> bool:
     """Whether the run scales its loss (fp16 autocast on CUDA): bf16 and fp32 need no ``GradScaler``."""
-    enabled, dtype = autocast_settings(opts, device)
+    return _scales_loss(*autocast_settings(opts, device))
+
+
+def _scales_loss(enabled: bool, dtype: torch.dtype) -> bool:
+    """Loss scaling is for fp16 autocast only (its gradients underflow); bf16 and fp32 need none."""
     return enabled and dtype == torch.float16
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 class Trainer:
@@ -80,7 +76,11 @@ class Trainer:
         trainer_state: the previous step's ``trainer_state`` (regulariser state), or None.
         classes: classes per step (``tasks.get_per_task_classes``), None in test mode.
         step: the incremental step.
-        scaler: a ``torch.amp.GradScaler`` (disabled for fp32/bf16); created if None.
+        scaler: a ``torch.amp.GradScaler`` (disabled for fp32/bf16); created if None, enabled exactly when
+            the autocast dtype is fp16.
+        autocast: ``(enabled, dtype)`` of ``torch.autocast`` around the forward passes; None: from
+            ``--opt_level`` / ``--amp_dtype`` (:func:`autocast_settings`: autocast on CUDA only). The
+            benchmarks and precision tests pass it to exercise CPU autocast.
     """
 
     def __init__(
@@ -94,9 +94,10 @@ class Trainer:
         step: int = 0,
         *,
         scaler: torch.amp.GradScaler | None = None,
+        autocast: tuple[bool, torch.dtype] | None = None,
     ) -> None:
         self.model = model
-        self.model_without_ddp = _unwrap(model)
+        self.model_without_ddp = dist_utils.unwrap_model(model)
         self.model_old = model_old
         self.device = device
         self.step = step
@@ -125,8 +126,11 @@ class Trainer:
             old_state = (trainer_state or {}).get("regularizer")
             self.regularizer = get_regularizer(self.model_without_ddp, model_old, device, opts, old_state)
 
-        self.amp_enabled, self.amp_dtype = autocast_settings(opts, device)
-        self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=uses_grad_scaler(opts, device))
+        if autocast is None:
+            autocast = autocast_settings(opts, device)
+        self.amp_enabled, self.amp_dtype = autocast
+        scaled = _scales_loss(self.amp_enabled, self.amp_dtype)
+        self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=scaled)
         self.channels_last = _wants_channels_last(opts, device)
         self.print_interval = getattr(opts, "print_interval", None) or DEFAULT_PRINT_INTERVAL
         self.show_progress = not getattr(opts, "no_progress", False)
@@ -184,7 +188,7 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ public API
-    def before(self, train_loader: Iterable, logger: Any = None) -> None:
+    def before(self, train_loader: Iterable) -> None:
         """Compute the per-class pseudo-label thresholds before training (PLOP §3.2; spec §8.2).
 
         Reference behaviour (§8.2 / Q5): each rank runs on its own shard without synchronisation.
@@ -358,8 +362,6 @@ class Trainer:
         loader: Any,
         metrics: Any,
         ret_samples_ids: list[int] | None = None,
-        logger: Any = None,
-        end_task: bool = False,
     ) -> tuple[tuple[float, float], dict, list]:
         """Evaluate on ``loader`` (spec §8.11): losses unweighted as the reference, metrics on the device.
 

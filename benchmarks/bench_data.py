@@ -49,6 +49,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+common.setup_paths()
+import testing  # noqa: E402  (the step builders the tests use too)
+
 DEFAULT_NUM_WORKERS = 4  # argparser.py --num_workers default
 VOC_TRAIN_AUG_SIZE = 10582  # entries of the real train_aug list, to extrapolate the scan time
 
@@ -102,10 +105,11 @@ def pipeline_transform(pipeline: str, crop: int) -> Any:
     """The training transform of ``pipeline``: ``"uint8"`` = ``train_transform`` (ends with PILToTensor),
     ``"float"`` = the same geometry then ``ToTensor`` + ``Normalize`` in the worker, as before."""
     common.setup_paths()
+    from dataset import presets
     from dataset import transform as T
 
     if pipeline == "uint8":
-        return T.train_transform(crop)
+        return presets.train_transform(crop)
     if pipeline == "float":
         return T.Compose(
             [
@@ -131,7 +135,7 @@ def build_train_set(root: Path, crop: int, scan_workers: int = 0) -> Any:
     import tasks
     from dataset import VOCSegmentationIncremental
 
-    labels, labels_old, _ = tasks.get_task_labels(common.BENCH_DATASET, common.BENCH_TASK, 0)
+    labels, labels_old, _ = tasks.get_task_labels(testing.DATASET, testing.TASK, 0)
     return VOCSegmentationIncremental(
         root,
         train=True,

@@ -26,6 +26,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+common.setup_paths()
+import testing  # noqa: E402  (the step builders the tests use too)
+
 TARGET_METRICS_SHARE = 0.02
 
 
@@ -88,10 +91,10 @@ class TimedMetrics:
 
 def eval_batches(opts: Any, step: int, n: int, batch: int, crop: int, pin: bool) -> list[tuple[Any, Any]]:
     """Test batches: labels over every class seen so far (the test set keeps old classes), 255 outlines."""
-    labels_now, labels_old = common.seen_labels(opts, step)
+    labels_now, labels_old = testing.seen_labels(opts, step)
     seen = sorted(set(labels_old) | set(labels_now))
     # The test LUT maps raw classes to model indices 0..n_seen-1; draw directly from that range.
-    return common.synthetic_batches(n, batch, crop, list(range(len(seen))), seed=1, pin=pin)
+    return testing.synthetic_batches(n, batch, crop, list(range(len(seen))), seed=1, pin=pin)
 
 
 def micro_update(metrics_cls: Any, n_classes: int, batches: list, device: Any, repeats: int) -> float:
@@ -124,7 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = common.resolve_device(args.device)
     machine = common.machine_info(device)
     common.set_cuda_flags(device)
-    opts = common.build_opts(
+    opts = testing.build_opts(
         step=args.step,
         backbone=args.backbone,
         crop=args.crop,
@@ -133,10 +136,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         precision=args.precision,
         memory_format=args.memory_format,
     )
-    model, model_old = common.build_models(opts, args.step, device, args.memory_format == "channels_last")
-    classes = common.step_classes(opts, args.step)
-    trainer = Trainer(model, model_old, device, opts, None, classes=classes, step=args.step)
-    common.force_autocast(trainer, args.precision, device)
+    model, model_old = testing.build_models(opts, args.step, device, args.memory_format == "channels_last")
+    classes = testing.step_classes(opts, args.step)
+    trainer = Trainer(
+        model, model_old, device, opts, None, classes=classes, step=args.step,
+        autocast=testing.autocast_setting(args.precision),  # also on the CPU (run.py runs it in fp32)
+    )  # fmt: skip
     n_classes = sum(classes)
     metrics = TimedMetrics(StreamSegMetrics(n_classes, device=device), device)
     batches = eval_batches(opts, args.step, args.iters, args.batch, args.crop, device.type == "cuda")

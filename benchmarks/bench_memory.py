@@ -23,6 +23,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+common.setup_paths()
+import testing  # noqa: E402  (the step builders the tests use too)
+
 GIB = float(1 << 30)
 VARIANTS = {  # name -> (norm_act, abn)
     "ours": ("iabn_sync", "torch"),
@@ -35,11 +38,11 @@ def saved_bytes(backbone: str, crop: int, batch: int, step: int, norm_act: str, 
     """Bytes kept for backward by one training forward of the current model, and its parameter bytes."""
     import torch
 
-    opts = common.build_opts(
+    opts = testing.build_opts(
         step=step, backbone=backbone, crop=crop, batch=batch, device="cpu", norm_act=norm_act, abn=abn
     )
     with torch.device("meta"):
-        model, _ = common.build_models(opts, step, torch.device("meta"), False)
+        model, _ = testing.build_models(opts, step, torch.device("meta"), False)
         model.train()
         images = torch.empty(batch, 3, crop, crop)
     storages: dict[int, int] = {}

@@ -30,6 +30,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+common.setup_paths()
+import testing  # noqa: E402  (the step builders the tests use too)
+
 # A ScanNet 15-5 style task: background + 15 classes at step 0, 5 new classes at step 1 (21 outputs).
 STEP_CLASSES = {0: [16], 1: [16, 5]}
 NUM_CLASSES = 21
@@ -48,7 +51,7 @@ def point_opts(cfg: dict[str, Any]) -> argparse.Namespace:
 
     argv = ["--dataset", "voc", "--task", "15-5", "--step", str(cfg["step"]), "--method", "LGKD"]
     argv += ["--no_pretrained", "--device", cfg["device"], "--batch_size", str(cfg["batch"]), "--no_progress"]
-    argv += ["--prev_kd", "5", "--novel_kd", "1"]
+    argv += list(testing.LGKD_STEP_ARGS)
     if cfg["precision"] != "fp32":
         argv += ["--opt_level", "O1", "--amp_dtype", cfg["precision"]]
     opts = modify_command_options(get_argparser().parse_args(argv))
@@ -96,8 +99,10 @@ def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
             {k: v for k, v in model.state_dict().items() if k in model_old.state_dict()}
         )
         model_old.eval().requires_grad_(False)
-    trainer = Trainer(model, model_old, device, opts, None, classes=STEP_CLASSES[step], step=step)
-    common.force_autocast(trainer, cfg["precision"], device)
+    trainer = Trainer(
+        model, model_old, device, opts, None, classes=STEP_CLASSES[step], step=step,
+        autocast=testing.autocast_setting(cfg["precision"]),  # also on the CPU (run.py runs it in fp32)
+    )  # fmt: skip
     n = max(cfg["warmup"], cfg["iters"], 1)
     batches = point_batches(n, cfg["batch"], cfg["points"], step, pin=device.type == "cuda")
     if trainer.pseudo_mode is not None:

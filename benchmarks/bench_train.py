@@ -39,6 +39,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+common.setup_paths()
+import testing  # noqa: E402  (the step builders the tests use too)
+
 # Targets (BENCHMARKS.md): one H100, crop 512, batch 12.
 GPU_TARGET_IMG_S = {0: 400.0, 1: 300.0}
 GPU_TARGET_PEAK_BYTES = 24e9
@@ -53,7 +56,7 @@ VARIANTS = ("ours", "baseline")
 # ---------------------------------------------------------------------------------------------- worker
 def _variant_opts(cfg: dict[str, Any]) -> Any:
     ours = cfg["variant"] == "ours"
-    return common.build_opts(
+    return testing.build_opts(
         step=cfg["step"],
         backbone=cfg["backbone"],
         crop=cfg["crop"],
@@ -80,14 +83,14 @@ def _build(cfg: dict[str, Any], variant: str | None = None) -> dict[str, Any]:
     common.set_cuda_flags(device)
     step = cfg["step"]
     opts = _variant_opts(cfg)
-    model, model_old = common.build_models(opts, step, device, cfg["memory_format"] == "channels_last")
+    model, model_old = testing.build_models(opts, step, device, cfg["memory_format"] == "channels_last")
     trainer = Trainer(
-        model, model_old, device, opts, None, classes=common.step_classes(opts, step), step=step
-    )
-    common.force_autocast(trainer, cfg["precision"], device)
-    labels_now, _ = common.seen_labels(opts, step)
+        model, model_old, device, opts, None, classes=testing.step_classes(opts, step), step=step,
+        autocast=testing.autocast_setting(cfg["precision"]),  # also on the CPU (run.py runs it in fp32)
+    )  # fmt: skip
+    labels_now, _ = testing.seen_labels(opts, step)
     n_batches = max(cfg["warmup"], cfg["iters"], 1)
-    batches = common.synthetic_batches(
+    batches = testing.synthetic_batches(
         n_batches, cfg["batch"], cfg["crop"], labels_now, seed=cfg.get("seed", 0), pin=device.type == "cuda"
     )
     if step > 0:
@@ -213,7 +216,7 @@ def run_jobs(payload: dict[str, Any]) -> dict[str, Any]:
 
 def _norm_layer_name(model: Any) -> str:
     """Module and class of the first normalisation layer of the body, to show what was measured
-    (``modules.misc.InPlaceABNSync`` is ours, ``inplace_abn...`` the compiled package)."""
+    (``modules.abn.InPlaceABNSync`` is ours, ``inplace_abn...`` the compiled package)."""
     layer = getattr(getattr(getattr(model, "body", model), "mod1", None), "bn1", None)
     if layer is None:
         return "?"
@@ -231,12 +234,12 @@ def model_flops(backbone: str, crop: int, step: int) -> dict[str, Any]:
     """
     import torch
 
-    opts = common.build_opts(step=step, backbone=backbone, crop=crop, batch=2, device="cpu")
+    opts = testing.build_opts(step=step, backbone=backbone, crop=crop, batch=2, device="cpu")
     result: dict[str, Any] = {}
     for where in ("meta", "cpu"):
         try:
             with torch.device(where):
-                model, model_old = common.build_models(opts, step, torch.device(where), False)
+                model, model_old = testing.build_models(opts, step, torch.device(where), False)
                 model.train()
                 images = torch.zeros(2, 3, crop, crop)
                 result["forward"] = common.count_flops(model, images, backward=False) / 2

@@ -29,7 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,11 +38,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULT_MARKER = "BENCH_RESULT "
 MIB = 1024.0 * 1024.0
 
-# VOC 15-5 is the task of the LGKD scripts whose step 1 we benchmark (scripts/voc/lgkd_15-5.sh):
-# step 0 learns classes 0..15, step 1 the classes 16..20, with --prev_kd 5 --novel_kd 1.
-BENCH_DATASET = "voc"
-BENCH_TASK = "15-5"
-LGKD_STEP_ARGS = ("--prev_kd", "5", "--novel_kd", "1")
 
 
 def setup_paths() -> None:
@@ -80,13 +75,6 @@ def set_cuda_flags(device: Any) -> None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-
-def autocast_dtype(precision: str) -> Any:
-    """``fp32`` -> None (autocast off), ``fp16``/``bf16`` -> the torch dtype."""
-    import torch
-
-    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -303,173 +291,6 @@ def machine_info(device: Any = None) -> dict[str, Any]:
         info["gpu_memory_gib"] = round(props.total_memory / (1024**3), 1)
         info["cuda"] = torch.version.cuda
     return info
-
-
-# ---------------------------------------------------------------------------------------------- options
-def build_opts(
-    *,
-    step: int,
-    backbone: str,
-    crop: int,
-    batch: int,
-    device: str,
-    norm_act: str = "iabn_sync",
-    abn: str = "torch",
-    precision: str = "fp32",
-    memory_format: str = "contiguous",
-    method: str = "LGKD",
-    num_workers: int = 0,
-    extra: Iterable[str] = (),
-) -> argparse.Namespace:
-    """Resolved options of an LGKD run on VOC 15-5 at ``step``, through the real parser and preset.
-
-    Args:
-        abn: ``torch`` (pure-PyTorch ABN), ``inplace_abn`` (compiled package) or ``recompute``
-            (pure PyTorch with ``--recompute_abn``).
-        precision: ``fp32`` (``--opt_level O0``) or ``fp16``/``bf16`` (``O1`` with ``--amp_dtype``).
-    """
-    setup_paths()
-    from argparser import get_argparser, modify_command_options
-
-    argv = [
-        "--method",
-        method,
-        "--dataset",
-        BENCH_DATASET,
-        "--task",
-        BENCH_TASK,
-        "--step",
-        str(step),
-        "--backbone",
-        backbone,
-        "--output_stride",
-        "16",
-        "--norm_act",
-        norm_act,
-        "--no_pretrained",
-        "--crop_size",
-        str(crop),
-        "--batch_size",
-        str(batch),
-        "--device",
-        device,
-        "--memory_format",
-        memory_format,
-        "--num_workers",
-        str(num_workers),
-        "--no_progress",
-        "--abn_impl",
-        "inplace_abn" if abn == "inplace_abn" else "torch",
-    ]
-    if abn == "recompute":
-        argv.append("--recompute_abn")
-    if precision != "fp32":
-        argv += ["--opt_level", "O1", "--amp_dtype", precision]
-    if step > 0:
-        argv += list(LGKD_STEP_ARGS)
-    argv += list(extra)
-    return modify_command_options(get_argparser().parse_args(argv))
-
-
-def step_classes(opts: argparse.Namespace, step: int) -> list[int]:
-    """Classes per step up to ``step`` (``tasks.get_per_task_classes``)."""
-    setup_paths()
-    import tasks
-
-    return tasks.get_per_task_classes(opts.dataset, opts.task, step)
-
-
-def seen_labels(opts: argparse.Namespace, step: int) -> tuple[list[int], list[int]]:
-    """(labels learned at ``step``, labels of the earlier steps), as in ``tasks.get_task_labels``."""
-    setup_paths()
-    import tasks
-
-    labels, labels_old, _ = tasks.get_task_labels(opts.dataset, opts.task, step)
-    return list(labels), list(labels_old)
-
-
-def build_models(opts: argparse.Namespace, step: int, device: Any, channels_last: bool) -> tuple[Any, Any]:
-    """The current model of ``step`` and, for step > 0, the frozen previous-step model (as ``run.py``)."""
-    import torch
-
-    setup_paths()
-    from segmentation_module import make_model
-
-    def build(s: int) -> Any:
-        model = make_model(opts, classes=step_classes(opts, s)).to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        return model
-
-    model = build(step)
-    model_old = None
-    if step > 0:
-        model_old = build(step - 1)
-        model_old.load_state_dict(
-            {k: v for k, v in model.state_dict().items() if k in model_old.state_dict()}, strict=False
-        )
-        for p in model_old.parameters():
-            p.requires_grad = False
-        model_old.eval()
-    return model, model_old
-
-
-def force_autocast(trainer: Any, precision: str, device: Any) -> None:
-    """Apply ``--precision`` to a Trainer, also on CPU.
-
-    The Trainer runs CPU training in fp32 whatever ``--opt_level`` says; the benchmark (and the precision
-    tests) exercise CPU autocast anyway, by setting the Trainer's autocast switches directly.
-    """
-    import torch
-
-    dtype = autocast_dtype(precision)
-    trainer.amp_enabled = dtype is not None
-    trainer.amp_dtype = dtype if dtype is not None else torch.float16
-    trainer.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-
-# ---------------------------------------------------------------------------------------------- data
-def synthetic_labels(
-    batch: int, size: int, classes: Sequence[int], generator: Any, objects: int = 3, border: int = 2
-) -> Any:
-    """VOC-like label maps (B, H, W) uint8: background 0, a few rectangles of ``classes`` outlined by 255.
-
-    Args:
-        classes: class indices the objects are drawn from (0 is never drawn as an object).
-        border: width of the 255 ("void") outline around each object, as in VOC annotations.
-    """
-    import torch
-
-    labels = torch.zeros(batch, size, size, dtype=torch.uint8)
-    pool = [c for c in classes if c != 0] or [0]
-    for b in range(batch):
-        for _ in range(objects):
-            h, w = (int(v) for v in torch.randint(size // 6, size // 2 + 1, (2,), generator=generator))
-            top = int(torch.randint(0, size - h + 1, (1,), generator=generator))
-            left = int(torch.randint(0, size - w + 1, (1,), generator=generator))
-            cls = pool[int(torch.randint(0, len(pool), (1,), generator=generator))]
-            t0, l0 = max(top - border, 0), max(left - border, 0)
-            labels[b, t0 : top + h + border, l0 : left + w + border] = 255
-            labels[b, top : top + h, left : left + w] = cls
-    return labels
-
-
-def synthetic_batches(
-    n: int, batch: int, crop: int, classes: Sequence[int], seed: int = 0, pin: bool = False
-) -> list[tuple[Any, Any]]:
-    """``n`` (images, labels) batches as the presets' DataLoader yields them: uint8 (B, 3, crop, crop) images
-    (normalised on the device by the trainer, as in training) and uint8 (B, crop, crop) labels."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(n):
-        images = torch.randint(0, 256, (batch, 3, crop, crop), generator=generator, dtype=torch.uint8)
-        labels = synthetic_labels(batch, crop, classes, generator)
-        if pin:
-            images, labels = images.pin_memory(), labels.pin_memory()
-        batches.append((images, labels))
-    return batches
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs

@@ -63,6 +63,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+common.setup_paths()
+import testing  # noqa: E402
+from utils.files import write_text_atomically  # noqa: E402
+
 ROOT = common.ROOT
 PY = sys.executable
 SCRIPT = Path(__file__).resolve()
@@ -73,7 +77,7 @@ DEVICE_ENV = "GPU_CHECK_DEVICE"
 # The real job: LGKD on VOC 15-5 as scripts/voc/lgkd_15-5.sh (step 0 lr 0.01; step 1 lr 0.001 with
 # --prev_kd 5 --novel_kd 1), overlapped setting.
 JOB_TASK, JOB_NAME, JOB_DATE = "15-5", "gpu_check", "gpu_check"
-JOB_STEP_ARGS = {0: ("--lr", "0.01"), 1: ("--lr", "0.001", *common.LGKD_STEP_ARGS)}
+JOB_STEP_ARGS = {0: ("--lr", "0.01"), 1: ("--lr", "0.001", *testing.LGKD_STEP_ARGS)}
 # One results column per VOC class (21) plus the step and the mean IoU.
 ROW_LENGTH = 1 + 21 + 1
 # Training under N processes sees the same global batches (DistributedSampler over the same permutation,
@@ -522,9 +526,7 @@ class GpuCheck:
             (REPORT_JSON, json.dumps(self.report, indent=2, sort_keys=True, default=str) + "\n"),
             (REPORT_MD, render_markdown(self.report)),
         ):
-            tmp = self.out / (name + ".tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, self.out / name)
+            write_text_atomically(self.out / name, text)
 
     # ------------------------------------------------------------------ steps
     def run(self) -> int:

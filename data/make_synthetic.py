@@ -25,7 +25,6 @@ import importlib.util
 import math
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -36,7 +35,6 @@ from PIL import Image
 
 NUM_CLASSES = {"voc": 20, "ade": 150}  # foreground classes; 0 is background
 POINT_CLOUD_DATASETS = ("s3dis", "scannet")  # rooms, written by data/synthetic_3d.py
-MARKER = "SYNTHETIC.txt"
 
 SHAPES = ("disk", "square", "triangle", "ring", "cross")
 TEXTURES = ("solid", "stripes", "checker")
@@ -215,22 +213,13 @@ def _render_chunk(job: tuple[str, str, str, int, int, list[tuple[int, list[int]]
 def _prepare(dataset: str, root: Path) -> None:
     """Create the folders; refuse to touch a real dataset, replace an earlier synthetic one."""
     top = root / ("PascalVOC2012" if dataset == "voc" else "ADEChallengeData2016")
-    if top.exists():
-        if not (top / MARKER).is_file():
-            raise SystemExit(
-                f"{top} exists and was not made by make_synthetic.py; refusing to overwrite it. "
-                "Choose another --out folder."
-            )
-        shutil.rmtree(top)
+    _load_sibling(Path(__file__).resolve().parent / "synthetic_3d.py", "synthetic_3d").prepare_top(top)
     if dataset == "voc":
         for sub in ("VOCdevkit/VOC2012/JPEGImages", "SegmentationClassAug", "list"):
             (top / sub).mkdir(parents=True, exist_ok=True)
     else:
         for sub in ("images/training", "images/validation", "annotations/training", "annotations/validation"):
             (top / sub).mkdir(parents=True, exist_ok=True)
-    (top / MARKER).write_text(
-        "Synthetic data made by data/make_synthetic.py; safe to delete. Not the real dataset.\n"
-    )
 
 
 def _write_metadata(dataset: str, root: Path, names: dict[str, list[str]], counts: dict[str, np.ndarray]

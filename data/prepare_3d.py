@@ -33,6 +33,7 @@ from dataset.pointcloud_raw import (  # noqa: E402  (needs the repository root o
     prepare,
 )
 from utils.errors import UserError  # noqa: E402
+from utils.logger import get_logger  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -55,7 +56,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def run(dataset: str, data_root: str | os.PathLike, **kwargs: Any) -> Path:
     """:func:`dataset.pointcloud_raw.prepare` with its progress printed, timed."""
-    log = logging.getLogger("LGKD.dataset")
+    log = get_logger("dataset")
     if not log.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("prepare_3d: %(message)s"))

@@ -502,8 +502,9 @@ def _render_job(job: tuple[str, str, str, int, int, list[str], int, bool]) -> No
         write_scannet_scene(Path(folder) / rel, parts, rng)
 
 
-def _prepare_top(top: Path) -> None:
-    """Refuse to touch a real dataset; replace an earlier synthetic one."""
+def prepare_top(top: Path) -> None:
+    """Create the top folder of a synthetic data set, with its marker file: refuse to touch a real data set,
+    replace an earlier synthetic one (data/make_synthetic.py uses it for the image data sets too)."""
     if top.exists():
         if not (top / MARKER).is_file():
             raise SystemExit(
@@ -529,7 +530,7 @@ def make_synthetic_3d(dataset: str, out: str | os.PathLike, num_train: int, num_
         raise ValueError("3D synthetic data needs at least one training and one test room")
     root = Path(out)
     top = root / ("S3DIS" if dataset == "s3dis" else "ScanNet")
-    _prepare_top(top)
+    prepare_top(top)
     folder = top / ("Stanford3dDataset_v1.2_Aligned_Version" if dataset == "s3dis" else "scans")
     folder.mkdir()
     schedule = {1: room_schedule(dataset, num_train, seed, 1), 2: room_schedule(dataset, num_val, seed, 2)}

@@ -2,6 +2,7 @@
 point clouds of S3DIS and ScanNet v2."""
 
 from .ade import ADE_CLASSES, AdeSegmentation, AdeSegmentationIncremental
+from .build import DATASETS, POINT_CLOUD_DATASETS, DatasetBundle, build_datasets
 from .cityscapes_domain import (
     CITYSCAPES_CLASSES,
     CityscapesSegmentationDomain,
@@ -14,7 +15,6 @@ from .pointcloud import (
     ScanNetSegmentationIncremental,
 )
 from .pointcloud_raw import S3DIS_CLASSES, SCANNET_CLASSES
-from .presets import DATASETS, POINT_CLOUD_DATASETS, DatasetBundle, build_datasets
 from .voc import VOC_CLASSES, VOCSegmentation, VOCSegmentationIncremental
 
 __all__ = [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from utils.errors import DatasetError
+from utils.logger import get_logger
 
 from .incremental import (
     ImageLabelPairs,
@@ -20,7 +20,7 @@ from .incremental import (
     identity_lut,
 )
 
-logger = logging.getLogger("LGKD.dataset")
+logger = get_logger("dataset")
 
 ADE_CLASSES: list[str] = [
     "void", "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",

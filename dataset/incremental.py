@@ -13,17 +13,14 @@ A raw reader per dataset only lists ``(image_path, label_path)`` pairs. This mod
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 import multiprocessing
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -32,10 +29,12 @@ from torch.utils.data import Dataset
 
 from utils.distributed import is_main_process, main_process_first
 from utils.errors import DatasetError, OptionsError, TaskError
+from utils.files import write_atomically, write_text_atomically
+from utils.logger import get_logger
 
 from .transform import ToTensor, label_to_tensor
 
-logger = logging.getLogger("LGKD.dataset")
+logger = get_logger("dataset")
 
 #: Bumped whenever the meaning of a cached index file changes. 2: the scan also refuses masks whose size
 #: differs from their image's, so splits cached before that check are scanned again.
@@ -272,22 +271,6 @@ def scan_masks(
     return presence, None
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through a temporary file in the same directory, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _digest(idxs: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(idxs, dtype="<i8").tobytes()).hexdigest()
 
@@ -340,10 +323,10 @@ class IndexCache:
         """Atomically write the index file, then its sidecar (a stale sidecar is removed first)."""
         idxs = np.asarray(idxs, dtype=np.int64)
         self.sidecar.unlink(missing_ok=True)
-        _atomic_write(self.path, lambda f: np.save(f, idxs))
+        write_atomically(self.path, lambda f: np.save(f, idxs))
         meta = {"signature": self.signature, "num_kept": int(idxs.size), "sha256": _digest(idxs)}
         text = json.dumps(meta, indent=1, sort_keys=True) + "\n"
-        _atomic_write(self.sidecar, lambda f: f.write(text.encode()))
+        write_text_atomically(self.sidecar, text)
 
 
 def base_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:

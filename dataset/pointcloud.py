@@ -25,7 +25,6 @@ validation scenes), with the classes seen so far and every other class as backgr
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from utils.errors import DatasetError
+from utils.logger import get_logger
 
 from .incremental import (
     IncrementalSegmentationDataset,
@@ -55,9 +55,10 @@ from .pointcloud_raw import (
     blocks_dirname,
     found_in,
 )
-from .pointcloud_transform import PointCloudTransform, eval_transform_3d
+from .pointcloud_transform import PointCloudTransform
+from .presets import eval_transform_3d
 
-logger = logging.getLogger("LGKD.dataset")
+logger = get_logger("dataset")
 
 #: 3DPC-CISS ``get_class2scans``: a block contains a class above this share of its points and this count.
 MIN_RATIO = 0.05

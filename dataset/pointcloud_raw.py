@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import math
 import multiprocessing
 import os
@@ -45,10 +44,10 @@ from typing import Any
 import numpy as np
 
 from utils.errors import DatasetError
+from utils.files import write_text_atomically
+from utils.logger import get_logger
 
-from .incremental import _atomic_write
-
-logger = logging.getLogger("LGKD.dataset")
+logger = get_logger("dataset")
 
 #: Class names by class id. S3DIS: the 13 classes of s3dis_classnames.txt after a background 0 that no
 #: point carries. ScanNet: "unannotated" (background) and the 20 benchmark classes of scannet_classnames.txt.
@@ -419,26 +418,43 @@ class RoomJob:
     split: str  # "train" or "test"
 
 
+def _misplaced_download(data_root: Path, name: str, top_name: str, raw_name: str, raw_title: str,
+                        raw_content: str, companion: str | None = None) -> str:
+    """Why ``data_root/top_name/raw_name`` (the raw download) is missing, from what ``data_root`` holds.
+
+    Args:
+        name: the data set's name ("S3DIS").
+        top_name, raw_name: the expected ``{top_name}/{raw_name}/`` folders under the data root.
+        raw_title: what the raw folder is called in the message ("the S3DIS folder").
+        raw_content: a glob matching entries of the raw folder (a data root pointing into it matches).
+        companion: a file that has to sit next to ``raw_name`` in ``top_name`` (it moves with it).
+    """
+    top = data_root / top_name
+    raw = top / raw_name
+    if data_root.name == raw_name or any(data_root.glob(raw_content)):
+        return (f"--data_root {data_root} looks like {raw_title} itself; pass the folder that contains "
+                f"{top_name}/{raw_name}/ instead.")
+    if (data_root / raw_name).is_dir() and data_root.name == top_name:
+        return (f"--data_root {data_root} is the {top_name} folder itself; pass its parent "
+                f"{data_root.parent} instead.")
+    if (data_root / raw_name).is_dir():
+        if companion is None:
+            return f"{data_root / raw_name} exists but must be moved to {raw}."
+        return (f"{data_root / raw_name} exists but must be in {top}/ (with {companion}): move both into "
+                f"{top}.")
+    return f"{name} was not found: {raw} does not exist ({found_in(top if top.is_dir() else data_root)})."
+
+
 def list_s3dis_rooms(data_root: Path) -> list[RoomJob]:
     """Every room of the S3DIS download, Area_5 as test, after checking the layout.
 
     Raises:
         DatasetError: the raw folder, its areas, or a room's Annotations folder is missing.
     """
-    top = data_root / S3DIS_DIR
-    raw = top / S3DIS_RAW
+    raw = data_root / S3DIS_DIR / S3DIS_RAW
     if not raw.is_dir():
-        if data_root.name == S3DIS_RAW or any(data_root.glob("Area_[0-9]*")):
-            problem = (f"--data_root {data_root} looks like the S3DIS folder itself; pass the folder that "
-                       f"contains {S3DIS_DIR}/{S3DIS_RAW}/ instead.")
-        elif (data_root / S3DIS_RAW).is_dir() and data_root.name == S3DIS_DIR:
-            problem = (f"--data_root {data_root} is the {S3DIS_DIR} folder itself; pass its parent "
-                       f"{data_root.parent} instead.")
-        elif (data_root / S3DIS_RAW).is_dir():
-            problem = f"{data_root / S3DIS_RAW} exists but must be moved to {raw}."
-        else:
-            where = found_in(top if top.is_dir() else data_root)
-            problem = f"S3DIS was not found: {raw} does not exist ({where})."
+        problem = _misplaced_download(data_root, "S3DIS", S3DIS_DIR, S3DIS_RAW, "the S3DIS folder",
+                                      "Area_[0-9]*")
         raise DatasetError(f"{problem} {S3DIS_HINT}")
     areas = sorted(p for p in raw.glob("Area_*") if p.is_dir())
     if not areas:
@@ -489,18 +505,8 @@ def list_scannet_scenes(data_root: Path, val_scenes: Iterable[str]) -> list[Room
     top = data_root / SCANNET_DIR
     scans = top / SCANNET_SCANS
     if not scans.is_dir():
-        if data_root.name == SCANNET_SCANS or any(data_root.glob("scene[0-9]*_[0-9]*")):
-            problem = (f"--data_root {data_root} looks like the ScanNet scans folder itself; pass the folder "
-                       f"that contains {SCANNET_DIR}/{SCANNET_SCANS}/ instead.")
-        elif (data_root / SCANNET_SCANS).is_dir() and data_root.name == SCANNET_DIR:
-            problem = (f"--data_root {data_root} is the {SCANNET_DIR} folder itself; pass its parent "
-                       f"{data_root.parent} instead.")
-        elif (data_root / SCANNET_SCANS).is_dir():
-            problem = (f"{data_root / SCANNET_SCANS} exists but must be in {top}/ (with "
-                       f"{SCANNET_LABEL_MAP}): move both into {top}.")
-        else:
-            problem = (f"ScanNet was not found: {scans} does not exist "
-                       f"({found_in(top if top.is_dir() else data_root)}).")
+        problem = _misplaced_download(data_root, "ScanNet", SCANNET_DIR, SCANNET_SCANS,
+                                      "the ScanNet scans folder", "scene[0-9]*_[0-9]*", SCANNET_LABEL_MAP)
         raise DatasetError(f"{problem} {SCANNET_HINT}")
     if not (top / SCANNET_LABEL_MAP).is_file():
         raise DatasetError(f"The ScanNet label map {top / SCANNET_LABEL_MAP} is missing ({found_in(top)}). "
@@ -529,8 +535,7 @@ def _settings(dataset: str, block_size: float, stride: float, min_points: int) -
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    text = json.dumps(payload, sort_keys=True) + "\n"
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    write_text_atomically(path, json.dumps(payload, sort_keys=True) + "\n")
 
 
 def _prepare_room(job: tuple[RoomJob, str, dict[str, Any], dict[str, int] | None]) -> dict[str, Any]:

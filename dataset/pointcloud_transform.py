@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -140,11 +141,10 @@ class PointCloudTransform:
                 f"xyz_norm={self.xyz_norm!r})")
 
 
-def train_transform_3d(num_points: int = 2048, xyz_norm: str = "block") -> PointCloudTransform:
-    """3DPC-CISS training preset: sampling with rotation about z and jitter."""
-    return PointCloudTransform(num_points, Augmentation(), xyz_norm)
+def __getattr__(name: str) -> Any:
+    """``train_transform_3d`` / ``eval_transform_3d`` from their old home (now :mod:`dataset.presets`)."""
+    if name in ("train_transform_3d", "eval_transform_3d"):
+        from . import presets
 
-
-def eval_transform_3d(num_points: int = 2048, xyz_norm: str = "block") -> PointCloudTransform:
-    """Evaluation preset: deterministic sampling per block, no augmentation."""
-    return PointCloudTransform(num_points, None, xyz_norm)
+        return getattr(presets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,9 +5,10 @@ the image is resampled bilinearly, the label with nearest neighbour so that no n
 Until the tensor conversion both are PIL images; afterwards the label is a ``uint8`` tensor ``(H, W)``
 and the image a tensor ``(3, H, W)`` whose type depends on the conversion:
 
-* the presets (:func:`train_transform`, :func:`val_transform`) end with :class:`PILToTensor`: the image
-  stays ``uint8`` in [0, 255] through the DataLoader and is normalised on the device by
-  :func:`normalize_on_device`, called by every consumer of batches (``Trainer._to_device`` and friends);
+* the presets (:mod:`dataset.presets`: ``train_transform``, ``val_transform``) end with
+  :class:`PILToTensor`: the image stays ``uint8`` in [0, 255] through the DataLoader and is normalised on
+  the device by :func:`normalize_on_device`, called by every consumer of batches (``Trainer._to_device``
+  and friends);
 * :class:`ToTensor` (float32 in [0, 1]) followed by :class:`Normalize` keeps working for pipelines built
   by hand; :func:`normalize_on_device` passes such float batches through unchanged.
 
@@ -34,9 +35,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-#: ImageNet statistics used by every reference preset.
-MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+#: ImageNet statistics used by every reference preset (and to show normalised images again).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD  # the names the transforms' defaults use
 
 Pair = tuple[Any, Any]
 
@@ -366,27 +368,11 @@ def normalize_on_device(
     return x.div_(scale).sub_(mean_t).div_(std_t)  # (B, C, H, W) float32
 
 
-def train_transform(crop_size: int) -> Compose:
-    """Reference training preset (§4.6): random resized crop, flip, to a ``uint8`` tensor.
+def __getattr__(name: str) -> Any:
+    """``dataset.transform.train_transform`` / ``val_transform``: the presets' old home (now
+    :mod:`dataset.presets`, which imports this module, hence the lazy lookup)."""
+    if name in ("train_transform", "val_transform"):
+        from . import presets
 
-    The reference's ToTensor + ImageNet Normalize happen on the device instead
-    (:func:`normalize_on_device`, bitwise the same values): image ``uint8 (3, crop, crop)``, label
-    ``uint8 (crop, crop)``.
-    """
-    return Compose([RandomResizedCrop(crop_size, scale=(0.5, 2.0)), RandomHorizontalFlip(), PILToTensor()])
-
-
-def val_transform(crop_size: int, crop_val: bool = True) -> Compose:
-    """Reference val/test preset (§4.6), ending with a ``uint8`` image tensor (normalised on the device).
-
-    Args:
-        crop_size: short side after resizing and side of the centre crop.
-        crop_val: the ``--crop_val`` option (default True). False keeps full images (loader batch 1).
-
-    Reference behaviour (§4.6 / Q2): evaluation happens on the centre crop, not on the full image.
-    CenterCrop pads small images with 0 in PIL, before the tensor conversion, so padded pixels normalise
-    to ``-mean / std`` exactly as with the reference's ToTensor + Normalize.
-    """
-    if crop_val:
-        return Compose([Resize(crop_size), CenterCrop(crop_size), PILToTensor()])
-    return Compose([PILToTensor()])
+        return getattr(presets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

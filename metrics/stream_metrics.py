@@ -17,11 +17,10 @@ import torch
 from matplotlib.figure import Figure
 
 from utils.distributed import all_reduce_sum
+from utils.results import ABSENT
 
 # Reference behaviour (§9): ε added to the per-class denominators (not to the Overall Acc one).
 EPS = 1e-6
-
-ABSENT = "X"  # value of "Class IoU"/"Class Acc" for classes absent from the ground truth
 
 ArrayLike = torch.Tensor | np.ndarray
 

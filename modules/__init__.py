@@ -1,8 +1,6 @@
 """Building blocks: activated batch norm, residual blocks, the DeepLabV3 head, DGCNN's point layers."""
 
-from .deeplab import ASPP_RATES, DeeplabV3
-from .edgeconv import EdgeConv, PointSegHead, edge_features, knn
-from .misc import (
+from .abn import (
     ABN,
     ACTIVATIONS,
     BatchNormAct2d,
@@ -13,6 +11,8 @@ from .misc import (
     import_inplace_abn,
     is_norm_layer,
 )
+from .deeplab import ASPP_RATES, DeeplabV3
+from .edgeconv import EdgeConv, PointSegHead, edge_features, knn
 from .residual import ResidualBlock, identity_norm
 
 __all__ = [

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .misc import is_norm_layer
+from .abn import is_norm_layer
 
 # Output stride -> dilation rates of the three 3x3 ASPP branches.
 # Reference behaviour (§5.3 / Q13): OS8 uses 32 for the last rate, not the usual 36.

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .misc import apply_activation
+from .abn import apply_activation
 
 NormAct = Callable[[int], nn.Module]
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules import ABN, BatchNormAct2d, InPlaceABN, InPlaceABNSync, abs_plus_eps, is_norm_layer
-from modules.misc import import_inplace_abn
+from modules.abn import import_inplace_abn
 from utils.distributed import cleanup
 from utils.errors import OptionsError
 
@@ -379,3 +379,20 @@ def test_sync_abn_two_process_gloo_equals_single_process_global_batch(tmp_path, 
             torch.testing.assert_close(part["state"]["running_var"], single.running_var)
             assert part["state"]["num_batches_tracked"].item() == 1
             torch.testing.assert_close(part["eval"], expected_eval, atol=1e-5, rtol=1e-5)
+
+
+def test_modules_misc_keeps_the_old_import_path_of_modules_abn():
+    import modules.abn as abn
+    import modules.misc as misc
+    from modules.misc import InPlaceABNSync as OldPathSync
+
+    assert OldPathSync is abn.InPlaceABNSync is InPlaceABNSync
+    # Every public class, function and constant defined in modules/abn.py is reachable under the old name.
+    public = {
+        name
+        for name, value in vars(abn).items()
+        if not name.startswith("_")
+        and (getattr(value, "__module__", None) == abn.__name__ or isinstance(value, tuple))
+    }
+    assert public == set(misc.__all__)
+    assert all(getattr(misc, name) is getattr(abn, name) for name in misc.__all__)

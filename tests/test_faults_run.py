@@ -32,7 +32,6 @@ from argparser import get_argparser, modify_command_options
 from tests.conftest import run_argv
 from tests.test_cli_errors import write_voc_tree
 from utils import checkpoint as ckpt_mod
-from utils import results as results_mod
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import OutputError
 from utils.filelock import FileLock, owner_description
@@ -589,7 +588,7 @@ def test_results_write_failure_is_an_output_error_with_errno(tmp_path, monkeypat
     def refuse(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(results_mod.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
     with pytest.raises(OutputError, match=r"No space left on device \(ENOSPC\)") as info:
         write_results_row(path, 1, ["1", "2"])
     assert str(path) in str(info.value) and "previous content is intact" in str(info.value)

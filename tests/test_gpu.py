@@ -32,17 +32,15 @@ import numpy as np
 import pytest
 import torch
 
+import testing  # the step builders the benchmarks use
 from argparser import METHODS
 from metrics import StreamSegMetrics
 from run import build_optimizer
 from segmentation_module import make_model
-from tests.conftest import load_script_module
 from tests.test_host_sync import check_overflowing_step_is_skipped
 from train import Trainer
 
 pytestmark = pytest.mark.gpu
-
-common = load_script_module("benchmarks/common.py", "bench_common")
 
 DEVICE_ENV = "GPU_CHECK_DEVICE"  # benchmarks/gpu_check.py sets it
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -96,8 +94,8 @@ def cpu_models(sizes: dict[str, Any]) -> tuple[torch.nn.Module, torch.nn.Module]
     """Step-1 model and frozen step-0 model of VOC 15-5 on the CPU (the same network for every method),
     built once and copied by each test."""
     torch.manual_seed(0)
-    opts = common.build_opts(step=1, device="cpu", **sizes)
-    return common.build_models(opts, 1, torch.device("cpu"), channels_last=False)
+    opts = testing.build_opts(step=1, device="cpu", **sizes)
+    return testing.build_models(opts, 1, torch.device("cpu"), channels_last=False)
 
 
 @contextlib.contextmanager
@@ -121,20 +119,22 @@ def _step1(
 ) -> dict[str, Any]:
     """Trainer, optimizer and batches of one LGKD-protocol step-1 iteration, as run.py sets them up."""
     cuda = device.type == "cuda"
-    opts = common.build_opts(
+    opts = testing.build_opts(
         step=1, device=device.type, method=method, precision=precision,
         memory_format="channels_last" if cuda else "contiguous", **sizes,
     )  # fmt: skip
     model, model_old = (copy.deepcopy(m).to(device) for m in cpu_models)
     if cuda:  # run.py's default layout on CUDA (--memory_format auto)
         model, model_old = (m.to(memory_format=torch.channels_last) for m in (model, model_old))
-    trainer = Trainer(model, model_old, device, opts, None, classes=common.step_classes(opts, 1), step=1)
+    # The Trainer runs the CPU in fp32; exercise autocast there anyway, as the benchmarks do.
+    autocast = None if cuda else testing.autocast_setting(precision)
+    trainer = Trainer(
+        model, model_old, device, opts, None, classes=testing.step_classes(opts, 1), step=1, autocast=autocast
+    )
     if cuda:
         assert trainer.amp_enabled == (precision != "fp32")
-    else:  # the Trainer runs the CPU in fp32; exercise autocast anyway, as the benchmarks do
-        common.force_autocast(trainer, precision, device)
-    labels_now, _ = common.seen_labels(opts, 1)
-    batches = common.synthetic_batches(1, sizes["batch"], sizes["crop"], labels_now, seed=3, pin=cuda)
+    labels_now, _ = testing.seen_labels(opts, 1)
+    batches = testing.synthetic_batches(1, sizes["batch"], sizes["crop"], labels_now, seed=3, pin=cuda)
     trainer.before(batches)  # PLOP/LGKD entropy thresholds
     # CUDA: run.py's own choice (fused SGD exactly when the loss is scaled); CPU: the same choice by hand.
     optim = build_optimizer(opts, model, fused=None if cuda else precision == "fp16")
@@ -283,11 +283,11 @@ def test_inplace_abn_package_matches_the_default_layer(
     torch.manual_seed(0)
     built = {}
     for impl in ("torch", "inplace_abn"):
-        opts = common.build_opts(
+        opts = testing.build_opts(
             step=0, backbone="resnet50", crop=64, batch=4, device="cuda", norm_act=norm_act,
             abn="inplace_abn" if impl == "inplace_abn" else "torch",
         )  # fmt: skip
-        built[impl] = make_model(opts, classes=common.step_classes(opts, 0)).to(device)
+        built[impl] = make_model(opts, classes=testing.step_classes(opts, 0)).to(device)
     result = built["inplace_abn"].load_state_dict(built["torch"].state_dict(), strict=False)
     # The compiled layers may lack the batch counter; every weight and running statistic must load.
     assert all(k.endswith("num_batches_tracked") for k in [*result.missing_keys, *result.unexpected_keys])

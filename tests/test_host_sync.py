@@ -15,13 +15,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import testing  # the step builders the benchmarks use: parser, presets, models and uint8 batches
 from argparser import METHODS
 from run import build_optimizer, load_optimizer_state
-from tests.conftest import load_script_module
 from train import Trainer
-
-# The benchmarks' builders: the real parser, presets, models and uint8 batches of a VOC 15-5 run.
-common = load_script_module("benchmarks/common.py", "bench_common")
 
 # Operators whose result (or output shape) is a device value read back by the host.
 HOST_READS = (
@@ -93,18 +90,19 @@ def _setup(method: str, *, scaled: bool, device: torch.device = CPU) -> dict[str
     fp32, an enabled GradScaler and the fused optimizer are set up by hand around the fp32 model."""
     torch.manual_seed(0)
     cuda_fp16 = scaled and device.type == "cuda"
-    opts = common.build_opts(
+    opts = testing.build_opts(
         step=1, backbone="resnet18", crop=CROP, batch=BATCH, device=device.type, method=method,
         precision="fp16" if cuda_fp16 else "fp32",
     )  # fmt: skip
-    model, model_old = common.build_models(opts, 1, device, channels_last=False)
-    trainer = Trainer(model, model_old, device, opts, None, classes=common.step_classes(opts, 1), step=1)
-    labels_now, _ = common.seen_labels(opts, 1)
-    batches = common.synthetic_batches(ITERS, BATCH, CROP, labels_now)
+    model, model_old = testing.build_models(opts, 1, device, channels_last=False)
+    # fp16 loss scaling on the CPU, as on CUDA: an enabled GradScaler and the optimizer run.py then builds.
+    scaler = torch.amp.GradScaler("cpu", enabled=True) if scaled and not cuda_fp16 else None
+    trainer = Trainer(
+        model, model_old, device, opts, None, classes=testing.step_classes(opts, 1), step=1, scaler=scaler
+    )
+    labels_now, _ = testing.seen_labels(opts, 1)
+    batches = testing.synthetic_batches(ITERS, BATCH, CROP, labels_now)
     trainer.before(batches[:1])  # PLOP/LGKD thresholds: a pass before training, allowed to read back
-    if scaled and not cuda_fp16:
-        # fp16 loss scaling, as on CUDA: an enabled GradScaler and the optimizer run.py then builds.
-        trainer.scaler = torch.amp.GradScaler("cpu", enabled=True)
     optim = build_optimizer(opts, model, fused=scaled or None)
     return {"trainer": trainer, "optim": optim, "batches": batches, "model_old": model_old}
 
@@ -161,8 +159,8 @@ def check_overflowing_step_is_skipped(device: torch.device) -> None:
 
 
 def test_build_optimizer_fuses_only_loss_scaled_runs() -> None:
-    opts = common.build_opts(step=0, backbone="resnet18", crop=CROP, batch=BATCH, device="cpu", method="FT")
-    model, _ = common.build_models(opts, 0, torch.device("cpu"), channels_last=False)
+    opts = testing.build_opts(step=0, backbone="resnet18", crop=CROP, batch=BATCH, device="cpu", method="FT")
+    model, _ = testing.build_models(opts, 0, torch.device("cpu"), channels_last=False)
     plain = build_optimizer(opts, model)  # CPU: fp32 whatever --opt_level says
     assert all(not g["fused"] for g in plain.param_groups)
     assert not getattr(plain, "_step_supports_amp_scaling", False)
@@ -173,8 +171,8 @@ def test_build_optimizer_fuses_only_loss_scaled_runs() -> None:
 def test_resume_keeps_this_runs_optimizer_kernel() -> None:
     """A checkpoint written by a loss-scaled (fused) run resumes in an fp32 run with the plain step, and
     the other way round; momentum buffers and learning rates come from the checkpoint."""
-    opts = common.build_opts(step=0, backbone="resnet18", crop=CROP, batch=BATCH, device="cpu", method="FT")
-    model, _ = common.build_models(opts, 0, torch.device("cpu"), channels_last=False)
+    opts = testing.build_opts(step=0, backbone="resnet18", crop=CROP, batch=BATCH, device="cpu", method="FT")
+    model, _ = testing.build_models(opts, 0, torch.device("cpu"), channels_last=False)
     for saved_fused, resumed_fused in ((True, False), (False, True)):
         saved = build_optimizer(opts, model, fused=saved_fused)
         for p in model.parameters():

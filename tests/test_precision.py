@@ -247,3 +247,33 @@ def test_loss_terms_backward_gives_fp32_free_finite_gradients() -> None:
     assert outputs.grad is not None and outputs.grad.dtype == torch.bfloat16
     assert torch.isfinite(outputs.grad.float()).all()
     assert small.grad is not None and torch.isfinite(small.grad.float()).all()
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype", "scaled"),
+    [("fp32", torch.float32, False), ("bf16", torch.bfloat16, False), ("fp16", torch.float16, True)],
+)
+def test_trainer_takes_its_autocast_setting_as_an_argument(precision, dtype, scaled) -> None:
+    """``Trainer(..., autocast=...)`` is the seam the benchmarks and the GPU tests use to run CPU autocast
+    (the options alone give fp32 on the CPU); the loss scaler follows it: on for fp16 only."""
+    import testing
+    from metrics import StreamSegMetrics
+    from train import Trainer
+
+    opts = testing.build_opts(step=0, backbone="resnet18", crop=32, batch=2, device="cpu", method="FT",
+                              precision=precision)  # fmt: skip
+    model, _ = testing.build_models(opts, 0, torch.device("cpu"), channels_last=False)
+    classes = testing.step_classes(opts, 0)
+    default = Trainer(model, None, torch.device("cpu"), opts, None, classes=classes)
+    assert not default.amp_enabled and not default.scaler.is_enabled()  # --opt_level O1 runs fp32 on CPU
+
+    trainer = Trainer(model, None, torch.device("cpu"), opts, None, classes=classes,
+                      autocast=testing.autocast_setting(precision))  # fmt: skip
+    assert trainer.amp_enabled == (precision != "fp32") and trainer.scaler.is_enabled() == scaled
+    seen: list[torch.dtype] = []
+    model.cls[0].register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))  # a conv
+    batches = testing.synthetic_batches(1, 2, 32, testing.seen_labels(opts, 0)[0])
+    trainer.validate(batches, StreamSegMetrics(sum(classes)))
+    assert seen == [dtype]
+    with pytest.raises(ValueError, match="precision"):
+        testing.autocast_setting("fp8")

@@ -10,7 +10,7 @@ import torch
 
 from utils.errors import OptionsError
 from utils.loss_terms import StepInfo
-from utils.pseudo_label import PseudoLabeler, _approximate_medians, find_median, median_mode
+from utils.pseudo_label import PseudoLabeler, _approximate_medians, find_median
 
 CONFIDENT = 30.0  # logit gap making the softmax one-hot to float precision
 
@@ -95,10 +95,7 @@ def test_entropy_thresholds_are_degenerate_whatever_the_data(spread):
     assert ((predicted >= 0.005) & (predicted <= 0.026)).all(), thresholds
 
 
-def test_median_mode_and_nb_bins_override():
-    assert median_mode("entropy") == "entropy"
-    assert median_mode("median") == "probability"
-    assert median_mode("naive") is None and median_mode(None) is None
+def test_nb_bins_override():
     images, labels = torch.zeros(1, 3, 1, 2), torch.zeros(1, 1, 2, dtype=torch.long)
     logits = one_hot_logits([0, 0], 2)
     # 2 bins, both pixels in bin 0: median = 0 + (1 - 0)/2 * (1/2) = 0.25.

@@ -334,3 +334,28 @@ def test_normalize_on_device_cuda_bitwise_equal_to_cpu_pipeline():
     out = T.normalize_on_device(new, torch.device("cuda"), memory_format=torch.channels_last)
     assert out.is_cuda and out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out.cpu()[0], old)
+
+
+def test_presets_live_in_dataset_presets_and_keep_their_old_import_paths() -> None:
+    import argparse
+
+    from dataset import pointcloud_transform, presets
+    from dataset.build import step_transforms
+    from dataset.transform import train_transform, val_transform  # the old home still imports
+
+    assert train_transform is presets.train_transform and val_transform is presets.val_transform
+    assert T.train_transform is presets.train_transform
+    assert pointcloud_transform.train_transform_3d is presets.train_transform_3d
+    assert pointcloud_transform.eval_transform_3d is presets.eval_transform_3d
+    with pytest.raises(AttributeError):
+        _ = T.test_transform
+    with pytest.raises(AttributeError):
+        _ = pointcloud_transform.val_transform
+    # build_datasets' choice: image presets at --crop_size, block presets for point clouds.
+    image = argparse.Namespace(dataset="ade", crop_size=24, crop_val=False)
+    assert [repr(t) for t in step_transforms(image)] == [repr(presets.train_transform(24)),
+                                                         repr(presets.val_transform(24, False))]  # fmt: skip
+    cloud = argparse.Namespace(dataset="scannet", num_points=300, xyz_norm="room")
+    train_tf, eval_tf = step_transforms(cloud)
+    assert (train_tf.num_points, train_tf.xyz_norm, eval_tf.augmentation) == (300, "room", None)
+    assert train_tf.augmentation is not None

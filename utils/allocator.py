@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 import os
 import sys
 
-log = logging.getLogger(__name__)
+from utils.logger import get_logger
+
+log = get_logger("utils.allocator")
 
 # glibc <malloc.h>
 M_TRIM_THRESHOLD = -1

@@ -21,7 +21,6 @@ import os
 import pickle
 import pickletools
 import re
-import tempfile
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -33,13 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from utils.distributed import unwrap_model
 from utils.errors import CheckpointError, TrainingError, UserError
-from utils.files import (
-    TEMP_SUFFIX,
-    describe_os_error,
-    output_error,
-    temp_prefix,
-)
+from utils.files import describe_os_error, output_error, write_atomically
 
 PREFIX = "module."
 IMAGENET_URL = "https://github.com/Ze-Yang/LGKD/releases/download/v1.0/resnet101_iabn_sync.pth.tar"
@@ -131,7 +126,7 @@ def _disallowed_content(message: str, path: Path) -> str | None:
     return None
 
 
-def _unsafe(path: Path, what: str, exc: BaseException) -> CheckpointError:
+def _unsafe(path: Path, what: str) -> CheckpointError:
     return CheckpointError(
         f"Refused to load {path}: it contains code or objects that are not allowed ({what}). Loading it "
         "would mean executing code, and checkpoints are always loaded with torch.load(weights_only=True), "
@@ -186,7 +181,7 @@ def load_checkpoint(
     except pickle.UnpicklingError as exc:
         what = _disallowed_content(str(exc), path)
         if what is not None:
-            raise _unsafe(path, what, exc) from exc
+            raise _unsafe(path, what) from exc
         raise _corrupt(path, exc) from exc
     except OSError as exc:
         raise CheckpointError(
@@ -241,7 +236,7 @@ class _ErrnoKeepingWriter:
 
 
 def save_checkpoint(obj: Any, path: str | os.PathLike[str], hint: str = "") -> None:
-    """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``.
+    """``torch.save`` through :func:`utils.files.write_atomically`: temporary file, fsync, rename.
 
     A crash, a signal or a full disk never leaves a truncated ``path``; the temporary file is removed on
     failure.
@@ -255,28 +250,19 @@ def save_checkpoint(obj: Any, path: str | os.PathLike[str], hint: str = "") -> N
         OutputError: the file could not be written (its ``errno`` is the system's); ``path`` is unchanged.
     """
     path = Path(path)
-    tmp_name: str | None = None
+
+    def write(handle: Any) -> None:
+        writer = _ErrnoKeepingWriter(handle)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
-        with os.fdopen(fd, "wb") as handle:
-            writer = _ErrnoKeepingWriter(handle)
-            try:
-                torch.save(obj, writer)
-            except RuntimeError:
-                if writer.error is not None:
-                    raise writer.error from None
-                raise
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp creates the file owner-only; checkpoints are shared like any other output (umask applies).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        os.replace(tmp_name, path)
+        write_atomically(path, write)
     except OSError as err:
-        if tmp_name is not None:
-            _remove_quietly(tmp_name)
         if isinstance(err, UserError):
             raise
         kept = (
@@ -285,25 +271,6 @@ def save_checkpoint(obj: Any, path: str | os.PathLike[str], hint: str = "") -> N
             else f"Nothing was written to {path.name}."
         )
         raise output_error("the checkpoint", path, err, kept, hint) from err
-    except BaseException:
-        if tmp_name is not None:
-            _remove_quietly(tmp_name)
-        raise
-    # Persist the rename itself (POSIX); not possible on every platform/filesystem.
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _remove_quietly(name: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(name)
 
 
 # ---------------------------------------------------------------------------------------------- entries
@@ -517,10 +484,6 @@ def _check_backbone(state: Mapping[str, Any], model_state: Mapping[str, Any], so
     )
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def _check_state_types(state: Mapping[Any, Any], source: str) -> None:
     bad = [
         f"{key!r}: {type(value).__name__}"
@@ -563,7 +526,7 @@ def check_model_state(
             missing/unexpected keys or shapes.
     """
     _check_state_types(state, source)
-    model = _unwrap(model)
+    model = unwrap_model(model)
     state = strip_module_prefix(state)
     model_state = model.state_dict()
     ckpt_sizes, model_sizes = classifier_sizes(state), classifier_sizes(model_state)
@@ -619,7 +582,7 @@ def load_model_state(
     """
     state = check_model_state(model, state, strict, source=source)
     with loading_entry(source, "model_state"):
-        return _unwrap(model).load_state_dict(state, strict=strict)
+        return unwrap_model(model).load_state_dict(state, strict=strict)
 
 
 def checkpoint_summary(ckpt: Mapping[str, Any]) -> dict[str, Any]:

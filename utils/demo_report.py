@@ -23,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from average_csv import read_rows, summarize
+from utils.results import ABSENT, NOT_LEARNED
 
 # Pascal VOC class names, index = class id (the synthetic data set uses the same ids and layout).
 VOC_CLASS_NAMES: tuple[str, ...] = (
@@ -31,8 +32,6 @@ VOC_CLASS_NAMES: tuple[str, ...] = (
     "tvmonitor",
 )  # fmt: skip
 
-ABSENT = "X"  # class absent from the test ground truth (results CSV)
-NOT_LEARNED = "x"  # class not learned yet (results CSV)
 SUMMARY_KEYS = ("bg", "old", "new", "all")
 
 # One colour per method, stable across figures (tab10 entries), so the plots can be read side by side.

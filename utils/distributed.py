@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,16 @@ def _rendezvous_store(timeout: datetime.timedelta) -> dist.Store:
     )
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"lgkd/attempt_{attempt}", store)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` (or ``DataParallel``) wrapper, else ``model`` itself.
+
+    The reference's checkpoints, parameter names and regulariser states are those of the wrapped model
+    (``module.`` prefix); code that reads or loads weights works on the unwrapped one.
+    """
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
 
 
 def is_dist_avail_and_initialized() -> bool:

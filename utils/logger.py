@@ -2,7 +2,8 @@
 
 Text goes through :mod:`logging`: the logger ``LGKD`` (level DEBUG, no propagation) gets a coloured
 console handler and a plain file handler appending to ``{logdir}/log.txt``. Modules log through child
-loggers (``logging.getLogger("LGKD.utils.loss")``, or :func:`get_logger`), which propagate into it.
+loggers, ``get_logger("utils.loss")`` (:func:`get_logger`: ``LGKD.utils.loss``), which propagate into it;
+:data:`LOGGER_NAME` is the one place the name is written.
 Scalars, tables and figures go to a tensorboardX ``SummaryWriter`` in the same folder; every tag gets the
 suffix ``/{step}`` so the steps of a continual run stay apart in TensorBoard.
 """

@@ -37,11 +37,15 @@ __all__ = [
     "UnbiasedNCA",
     "entropy",
     "soft_crossentropy",
+    "upcast_fp32",
 ]
 
 
-def _fp32(x: Tensor) -> Tensor:
-    """Upcast half/bfloat16 to float32; keep float32 and float64 as they are."""
+def upcast_fp32(x: Tensor) -> Tensor:
+    """Upcast half/bfloat16 to float32; keep float32 and float64 as they are.
+
+    Every loss computes in fp32 whatever the autocast dtype of its inputs (losses, POD and loss terms).
+    """
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
@@ -84,7 +88,7 @@ def entropy(probabilities: Tensor) -> Tensor:
     Returns:
         (B, H, W) entropy map.
     """
-    probabilities = _fp32(probabilities)
+    probabilities = upcast_fp32(probabilities)
     factor = 1.0 / math.log(probabilities.shape[1] + 1e-8)
     return -factor * torch.mean(probabilities * torch.log(probabilities + 1e-8), dim=1)
 
@@ -114,7 +118,7 @@ class UnbiasedCrossEntropy(nn.Module):
         """Args: inputs (B, C_new, H, W) logits; targets (B, H, W) labels; mask (B, H, W) bool, to ignore."""
         if self.old_cl is None:
             raise ValueError("UnbiasedCrossEntropy needs old_cl (the number of previous-step classes).")
-        inputs = _fp32(inputs)
+        inputs = upcast_fp32(inputs)
         old_cl = self.old_cl
         den = torch.logsumexp(inputs, dim=1)  # (B, H, W)
         log_bg = torch.logsumexp(inputs[:, :old_cl], dim=1) - den  # (B, H, W)
@@ -163,7 +167,7 @@ class KnowledgeDistillationLoss(nn.Module):
 
     def forward(self, inputs: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
         """Args: inputs (B, C_new, H, W) new logits; targets (B, C_old, H, W) old logits; mask (B, H, W)."""
-        inputs, targets = _fp32(inputs), _fp32(targets)
+        inputs, targets = upcast_fp32(inputs), upcast_fp32(targets)
         log_probs = torch.log_softmax(inputs[:, : targets.shape[1]], dim=1)  # (B, C_old, H, W)
         old_probs = torch.softmax(targets * self.alpha, dim=1)
         loss = (log_probs * old_probs).mean(dim=1)  # (B, H, W)
@@ -200,7 +204,7 @@ class UnbiasedKnowledgeDistillationLoss(nn.Module):
 
     def forward(self, inputs: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
         """Args: inputs (B, C_new, H, W) new logits; targets (B, C_old, H, W) old logits; mask (B, H, W)."""
-        inputs, targets = _fp32(inputs), _fp32(targets)
+        inputs, targets = upcast_fp32(inputs), upcast_fp32(targets)
         old_cl = targets.shape[1]
         den = torch.logsumexp(inputs, dim=1)  # (B, H, W)
         log_old_fg = inputs[:, 1:old_cl] - den[:, None]  # (B, C_old-1, H, W)
@@ -276,7 +280,7 @@ class LabelGuidedKnowledgeDistillationLoss(nn.Module):
         self, inputs: Tensor, targets: Tensor, labels: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(loss map (B, H, W), previous mask (B, H, W), novel mask (B, H, W))."""
-        inputs, targets = _fp32(inputs), _fp32(targets)
+        inputs, targets = upcast_fp32(inputs), upcast_fp32(targets)
         if labels.dim() == inputs.dim():
             labels = labels[:, 0]  # (B, 1, *) -> (B, *)
         labels = labels.long()  # (B, H, W)
@@ -319,7 +323,7 @@ class BCEWithLogitsLossWithIgnoreIndex(nn.Module):
 
     def forward(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """Args: inputs (B, C, H, W) logits; targets (B, H, W) labels."""
-        inputs = _fp32(inputs)
+        inputs = upcast_fp32(inputs)
         one_hot = _one_hot_ignore(targets, inputs.shape[1], self.ignore_index, inputs.dtype)
         loss = F.binary_cross_entropy_with_logits(inputs, one_hot, reduction="none").sum(dim=1)  # (B, H, W)
         valid = one_hot.sum(dim=1)  # 1 on labelled pixels, 0 on ignored ones
@@ -352,7 +356,7 @@ class IcarlLoss(nn.Module):
     def forward(self, inputs: Tensor, targets: Tensor, output_old: Tensor) -> Tensor:
         """Args: inputs (B, C_new, H, W) logits; targets (B, H, W) labels; output_old (B, C_old, H, W)
         old-model probabilities (``sigmoid(z_old)``)."""
-        inputs, output_old = _fp32(inputs), _fp32(output_old)
+        inputs, output_old = upcast_fp32(inputs), upcast_fp32(output_old)
         one_hot = _one_hot_ignore(targets, inputs.shape[1], self.ignore_index, inputs.dtype)
         old_cl = output_old.shape[1]
         first = 1 if self.bkg else 0
@@ -382,9 +386,17 @@ class FocalLoss(nn.Module):
 
     def forward(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """Args: inputs (B, C, H, W) logits; targets (B, H, W) labels."""
-        ce = F.cross_entropy(_fp32(inputs), targets, reduction="none", ignore_index=self.ignore_index)
-        focal = self.alpha * (1 - torch.exp(-ce)) ** self.gamma * ce
+        _, focal = _cross_entropy_and_focal(inputs, targets, self.alpha, self.gamma, self.ignore_index)
         return _reduce(focal, self.reduction)
+
+
+def _cross_entropy_and_focal(
+    inputs: Tensor, targets: Tensor, alpha: float, gamma: float, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    """Per-pixel CE (B, H, W), 0 on ignored pixels, and the focal loss ``alpha (1 - p_t)^gamma CE`` (Lin et
+    al., ICCV 2017, Eq. 5, with ``p_t = exp(-CE)``), both in fp32."""
+    ce = F.cross_entropy(upcast_fp32(inputs), targets, reduction="none", ignore_index=ignore_index)
+    return ce, alpha * (1 - torch.exp(-ce)) ** gamma * ce
 
 
 class FocalLossNew(nn.Module):
@@ -415,8 +427,7 @@ class FocalLossNew(nn.Module):
 
     def forward(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """Args: inputs (B, C, H, W) logits; targets (B, H, W) labels."""
-        ce = F.cross_entropy(_fp32(inputs), targets, reduction="none", ignore_index=self.ignore_index)
-        focal = self.alpha * (1 - torch.exp(-ce)) ** self.gamma * ce
+        ce, focal = _cross_entropy_and_focal(inputs, targets, self.alpha, self.gamma, self.ignore_index)
         loss = torch.where(targets >= self.index, focal, ce)  # ignored pixels have ce = 0 either way
         return _reduce(loss, self.reduction)
 
@@ -454,7 +465,7 @@ class NCA(nn.Module):
     def forward(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """Args: inputs (B, C, H, W) similarities; targets (B, H, W) labels."""
         # Reference behaviour (Q22): margin subtracted from every class.
-        logits = self.scale * (_fp32(inputs) - self.margin)
+        logits = self.scale * (upcast_fp32(inputs) - self.margin)
         return F.cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction=self.reduction)
 
 
@@ -486,7 +497,7 @@ class UnbiasedNCA(nn.Module):
 
     def forward(self, inputs: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
         """Args: inputs (B, C_new, H, W) similarities; targets (B, H, W) labels; mask (B, H, W) to ignore."""
-        return self.unce(self.scale * (_fp32(inputs) - self.margin), targets, mask=mask)
+        return self.unce(self.scale * (upcast_fp32(inputs) - self.margin), targets, mask=mask)
 
 
 class BCESigmoid(nn.Module):
@@ -513,7 +524,7 @@ class BCESigmoid(nn.Module):
 
     def forward(self, inputs: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
         """Args: inputs (B, C_new, H, W) new logits; targets (B, C_old, H, W) old logits; mask (B, H, W)."""
-        inputs, targets = _fp32(inputs), _fp32(targets)
+        inputs, targets = upcast_fp32(inputs), upcast_fp32(targets)
         old_cl = targets.shape[1]
         if self.shape == "sum":
             # Reference behaviour (§8.6): channel 0 is overwritten by the new channels' sum, not added to.
@@ -559,7 +570,7 @@ def soft_crossentropy(
     Returns:
         (B, H, W) per-pixel loss.
     """
-    logits, logits_old = _fp32(logits), _fp32(logits_old)
+    logits, logits_old = upcast_fp32(logits), upcast_fp32(logits_old)
     old_cl = logits_old.shape[1]
     loss_certain = F.cross_entropy(logits, labels, reduction="none", ignore_index=IGNORE_INDEX)
     new_probs_old_classes = torch.softmax(logits[:, :old_cl], dim=1)  # (B, C_old, H, W)

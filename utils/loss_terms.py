@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from utils.errors import OptionsError
+from utils.logger import get_logger
 from utils.loss import (
     IGNORE_INDEX,
     NCA,
@@ -52,6 +52,7 @@ from utils.loss import (
     UnbiasedNCA,
     entropy,
     soft_crossentropy,
+    upcast_fp32,
 )
 from utils.pod import PREPRO_TYPES, PODOptions, features_distillation
 from utils.pseudo_label import PseudoLabels
@@ -74,7 +75,7 @@ __all__ = [
     "needs_old_outputs",
 ]
 
-logger = logging.getLogger("LGKD.utils.loss_terms")
+logger = get_logger("utils.loss_terms")
 
 # Keys of the loss dict -> labels of the reference's "Loss made of: CE, LKD, LDE, LReg, POD, EntMin" line.
 REFERENCE_LOG_NAMES = {
@@ -86,10 +87,6 @@ REFERENCE_LOG_NAMES = {
     "entmin": "EntMin",
     "icarl": "LICaRL",
 }
-
-
-def _fp32(x: Tensor) -> Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 @dataclass(frozen=True)
@@ -310,7 +307,7 @@ class ClassificationTerm(LossTerm):
 
     def per_pixel_loss(self, batch: StepBatch) -> Tensor:
         """(B, H, W) loss before sample weights and adaptive factor (a scalar with ``IcarlLoss``)."""
-        outputs, labels, pseudo = _fp32(batch.outputs), batch.labels, batch.pseudo
+        outputs, labels, pseudo = upcast_fp32(batch.outputs), batch.labels, batch.pseudo
         if self.pseudo_soft is not None and pseudo is not None:
             return soft_crossentropy(
                 outputs,
@@ -322,7 +319,7 @@ class ClassificationTerm(LossTerm):
                 pseudo_soft_factor=self.pseudo_soft_factor,
             )
         if self.icarl_loss is not None:
-            old_probs = torch.sigmoid(_fp32(_require(batch.outputs_old, "outputs_old", self.name)))
+            old_probs = torch.sigmoid(upcast_fp32(_require(batch.outputs_old, "outputs_old", self.name)))
             return self.icarl_loss(outputs, labels, old_probs)
         if self.ce_on_pseudo and pseudo is not None:
             confident = pseudo.mask_background & pseudo.mask_valid
@@ -351,9 +348,10 @@ class ClassificationTerm(LossTerm):
 
     def validation_loss(self, batch: StepBatch) -> Tensor:
         """Mean of the criterion over all pixels; no pseudo-labels, weights or adaptive factor (§8.11)."""
-        outputs = _fp32(batch.outputs)
+        outputs = upcast_fp32(batch.outputs)
         if self.icarl_loss is not None and batch.outputs_old is not None:
-            return self.icarl_loss(outputs, batch.labels, torch.sigmoid(_fp32(batch.outputs_old))).mean()
+            old_probs = torch.sigmoid(upcast_fp32(batch.outputs_old))
+            return self.icarl_loss(outputs, batch.labels, old_probs).mean()
         return self.criterion(outputs, batch.labels).mean()
 
 
@@ -484,7 +482,7 @@ class EncoderKDTerm(LossTerm):
 
     def _mse(self, batch: StepBatch) -> Tensor:
         features_old = _require(batch.features_old, "features_old", self.name)
-        return F.mse_loss(_fp32(batch.features["body"]), _fp32(features_old["body"]))
+        return F.mse_loss(upcast_fp32(batch.features["body"]), upcast_fp32(features_old["body"]))
 
     def forward(self, batch: StepBatch) -> Tensor:
         return self.weight * self._mse(batch)
@@ -512,9 +510,10 @@ class ICaRLTerm(LossTerm):
         self.importance = importance
 
     def forward(self, batch: StepBatch) -> Tensor:
-        outputs_old = _fp32(_require(batch.outputs_old, "outputs_old", self.name))
+        outputs_old = upcast_fp32(_require(batch.outputs_old, "outputs_old", self.name))
         old_cl = outputs_old.shape[1]
-        bce = F.binary_cross_entropy_with_logits(_fp32(batch.outputs[:, :old_cl]), torch.sigmoid(outputs_old))
+        outputs = upcast_fp32(batch.outputs[:, :old_cl])
+        bce = F.binary_cross_entropy_with_logits(outputs, torch.sigmoid(outputs_old))
         return self.importance * old_cl * bce
 
     def validation_loss(self, batch: StepBatch) -> Tensor | None:
@@ -629,7 +628,7 @@ class EntropyMinTerm(LossTerm):
 
     def forward(self, batch: StepBatch) -> Tensor:
         labelled = batch.labels > 0  # (B, H, W) or (B, N)
-        entropies = entropy(torch.softmax(_fp32(batch.outputs), dim=1)).masked_fill(labelled, 0.0)
+        entropies = entropy(torch.softmax(upcast_fp32(batch.outputs), dim=1)).masked_fill(labelled, 0.0)
         spatial = tuple(range(1, labelled.dim()))  # every axis but the batch
         pixel_amount = (~labelled).sum(dim=spatial).clamp(min=1).to(entropies.dtype)
         return (entropies.sum(dim=spatial) / pixel_amount).mean()

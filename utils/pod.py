@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from utils.errors import OptionsError
+from utils.loss import upcast_fp32
 
 __all__ = ["PODOptions", "features_distillation", "pod_distance", "pod_embedding"]
 
@@ -261,11 +262,6 @@ def pod_distance(a: Tensor, b: Tensor, kind: str = "frobenius", mix_new_old: flo
     raise OptionsError(f"Unknown POD difference function {kind!r}; choose one of {DISTANCES}.")
 
 
-def _fp32(x: Tensor) -> Tensor:
-    """Upcast half/bfloat16 to float32; keep float32 and float64."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
 def _prepro(x: Tensor, prepro: str) -> Tensor:
     if prepro == "pow":
         return x.pow(2)
@@ -434,7 +430,7 @@ def features_distillation(
         if section is not None:
             settings.apply(section, last)
         # fp32 whatever the autocast dtype of the features (apex O1 also ran pow/sum/norm in fp32).
-        a, b = _fp32(a), _fp32(b)
+        a, b = upcast_fp32(a), upcast_fp32(b)
         adaptive_factor: Tensor | float = 1.0
 
         if a.shape[1] != b.shape[1]:

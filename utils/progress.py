@@ -7,17 +7,16 @@ of the loop, with the rate and the remaining time, so log files stay readable. O
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 from utils.distributed import get_rank
+from utils.logger import get_logger
 
 T = TypeVar("T")
 
-LOGGER_NAME = "LGKD"
 _UNKNOWN_TOTAL_EVERY = 100  # log period (iterations) when the length of the iterable is unknown
 
 
@@ -63,7 +62,7 @@ class Progress(Generic[T]):
             self._every = max(1, round(total * log_every))
         else:
             self._every = _UNKNOWN_TOTAL_EVERY
-        self._logger = logging.getLogger(LOGGER_NAME)
+        self._logger = get_logger()
 
     def set_postfix(self, **kwargs: Any) -> None:
         """Values shown next to the bar, or appended to the next log line (e.g. ``loss``, ``lr``)."""

@@ -23,22 +23,17 @@ from torch import Tensor
 
 from dataset.transform import normalize_on_device
 from utils.errors import OptionsError
+from utils.logger import get_logger
 from utils.loss import IGNORE_INDEX, entropy
 
 if TYPE_CHECKING:
     from utils.loss_terms import StepInfo
 
-__all__ = ["PseudoLabeler", "PseudoLabels", "entropy", "find_median", "median_mode"]
+__all__ = ["PseudoLabeler", "PseudoLabels", "entropy", "find_median"]
 
-logger = logging.getLogger("LGKD.utils.pseudo_label")
+logger = get_logger("utils.pseudo_label")
 
 PSEUDO_MODES = ("naive", "confidence", "threshold_<t>", "median", "entropy")
-
-
-def median_mode(pseudo: str | None) -> str | None:
-    """The :func:`find_median` mode that ``--pseudo`` needs before training: "probability" for ``median``,
-    "entropy" for ``entropy``, None for the other modes (spec §8.2)."""
-    return {"median": "probability", "entropy": "entropy"}.get(pseudo or "")
 
 
 @torch.no_grad()

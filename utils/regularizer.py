@@ -26,7 +26,6 @@ state whose tensors do not match the model's parameters (docs/reference-notes.md
 from __future__ import annotations
 
 import argparse
-import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
@@ -34,11 +33,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from utils.distributed import unwrap_model
 from utils.errors import CheckpointError, OptionsError
+from utils.logger import get_logger
 
 __all__ = ["EWC", "PI", "RW", "Regularizer", "get_regularizer", "normalize_fn"]
 
-logger = logging.getLogger("LGKD.utils.regularizer")
+logger = get_logger("utils.regularizer")
 
 PREFIX = "module."
 
@@ -48,14 +49,9 @@ def normalize_fn(mat: Tensor) -> Tensor:
     return (mat - mat.min()) / (mat.max() - mat.min() + 1e-8)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    return model.module if isinstance(model, wrappers) else model
-
-
 def _named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """Parameters under the reference's DDP names (``module.`` + name)."""
-    for name, param in _unwrap(model).named_parameters():
+    for name, param in unwrap_model(model).named_parameters():
         yield PREFIX + name, param
 
 
@@ -77,7 +73,8 @@ def _snapshot(model: nn.Module, previous: dict[str, Tensor] | None) -> dict[str,
 
 def _old_parameters(model_old: nn.Module, device: torch.device | str) -> dict[str, Tensor]:
     """Detached copy of the old model's state under the reference's DDP names."""
-    return {PREFIX + k: v.detach().clone().to(device) for k, v in _unwrap(model_old).state_dict().items()}
+    state = unwrap_model(model_old).state_dict()
+    return {PREFIX + k: v.detach().clone().to(device) for k, v in state.items()}
 
 
 class Regularizer(ABC):

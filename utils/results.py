@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from utils.errors import OptionsError, OutputError, UserError
 from utils.filelock import locked
-from utils.files import (
-    TEMP_SUFFIX,
-    describe_os_error,
-    output_error,
-    remove_stray_temp_files,
-    temp_prefix,
-)
+from utils.files import describe_os_error, output_error, remove_stray_temp_files, write_text_atomically
 
-ABSENT = "X"  # class absent from the test ground truth
-NOT_LEARNED = "x"  # class index beyond the current metric size
+# The two non-numeric cells of a results row, owned here and read by metrics, average_csv.py and the demo:
+ABSENT = "X"  # the class is absent from the step's test ground truth (StreamSegMetrics' "Class IoU")
+NOT_LEARNED = "x"  # the class is not learned yet at that step (index beyond the current metric size)
 
 
 def _check_component(label: str, value: str) -> str:
@@ -165,16 +159,4 @@ def _replace_row(path: Path, step: int, row: list[str]) -> None:
                 by_step[line_step] = line
     by_step[int(step)] = ",".join(row)
     lines = others + [by_step[s] for s in sorted(by_step)]
-    # mkstemp creates the file 0600; keep the mode of the file we replace (0644 for a new one).
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=TEMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("\n".join(lines) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, mode)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_text_atomically(path, "\n".join(lines) + "\n")
