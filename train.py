@@ -197,7 +197,8 @@ class Trainer:
             return
 
         def old_logits(images: Tensor) -> Tensor:
-            # images: (B, 3, H, W) float32 on the device, already normalised by find_median.
+            # A loader batch: uint8 (B, 3, H, W) images become normalised float32 on the device.
+            images = normalize_on_device(images, self.device)
             with torch.no_grad(), self._autocast():
                 return self.model_old(images)[0].float()
 

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from dataset.transform import normalize_on_device
 from utils.errors import OptionsError
 from utils.logger import get_logger
 from utils.loss import IGNORE_INDEX, entropy
@@ -61,10 +60,10 @@ def find_median(
     shard, without synchronisation.
 
     Args:
-        loader: yields ``(images, labels)``; images (B, 3, H, W) uint8 from the presets (normalised here,
-            :func:`dataset.transform.normalize_on_device`) or already normalised float; labels (B, H, W)
-            with 0 for background.
-        old_logits_fn: ``images -> (B, C_old, H, W)`` full-resolution old-model logits.
+        loader: yields ``(images, labels)``; images as the loader gives them (``old_logits_fn`` moves and
+            normalises them); labels (B, H, W) with 0 for background.
+        old_logits_fn: loader ``images -> (B, C_old, H, W)`` full-resolution old-model logits on ``device``
+            (the Trainer normalises uint8 images on the device first, as for training).
         device: where images, labels and the histogram go.
         nb_current_classes: ``C_new`` (number of histogram rows and of thresholds).
         mode: "entropy" or "probability".
@@ -89,7 +88,6 @@ def find_median(
     histogram = torch.zeros(nb_current_classes * nb_bins, dtype=torch.long, device=device)
     nb_batches = len(loader) if hasattr(loader, "__len__") else "?"
     for cur_step, (images, labels) in enumerate(loader):
-        images = normalize_on_device(images, device)  # uint8 or float (B, 3, H, W) -> normalised float32
         labels = labels.to(device, dtype=torch.long)
         probas = torch.softmax(old_logits_fn(images).float(), dim=1)  # (B, C_old, H, W)
         max_probas, pseudo_labels = probas.max(dim=1)  # (B, H, W) each
