@@ -37,7 +37,7 @@ from utils.errors import OutputError
 from utils.filelock import FileLock, owner_description
 from utils.logger import Logger, remove_handlers
 from utils.results import write_results_row
-from utils.training_options import FREE_OPTIONS, option_differences, stored_options
+from training_options import FREE_OPTIONS, option_differences, stored_options
 
 NAME = "faults"
 

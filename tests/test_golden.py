@@ -71,7 +71,7 @@ import tasks
 from argparser import METHODS, get_argparser, modify_command_options
 from metrics import StreamSegMetrics
 from train import Trainer
-from utils.resume import inspect_checkpoints
+from resume import inspect_checkpoints
 from utils.scheduler import build_scheduler
 
 GOLDEN_FILE = Path(__file__).resolve().parent / "golden" / "train_presets.json"
