@@ -69,7 +69,7 @@ from resume import (
     write_row,
 )
 from segmentation_module import make_model
-from train import Trainer, uses_grad_scaler
+from train import Trainer, uses_grad_scaler, wants_channels_last
 from utils import distributed as dist_utils
 from utils.allocator import keep_freed_memory
 from utils.checkpoint import load_model_state, load_optimizer_state, loading_entry, set_rng_state
@@ -320,10 +320,17 @@ def open_outputs(opts: Any, info: dist_utils.DistInfo) -> Logger:
 
 # ---------------------------------------------------------------------------------------------- models
 def build_model(opts: Any, step: int, device: torch.device, pretrained: bool = True) -> nn.Module:
+    """The model of ``step`` (its classifiers up to that step) on ``device``, in the layout the Trainer
+    gives its image batches (``--memory_format``).
+
+    Args:
+        pretrained: load the ImageNet backbone weights unless ``--no_pretrained`` (False: never, for a
+            model whose every weight comes from a checkpoint).
+    """
     classes = tasks.get_per_task_classes(opts.dataset, opts.task, step)
     model_opts = opts if pretrained else argparse.Namespace(**{**vars(opts), "no_pretrained": True})
     model = make_model(model_opts, classes=classes).to(device)
-    if device.type == "cuda" and opts.memory_format in ("auto", "channels_last"):
+    if wants_channels_last(opts, device):
         model = model.to(memory_format=torch.channels_last)
     return model
 
