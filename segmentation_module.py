@@ -419,7 +419,8 @@ class IncrementalSegmentationModule(nn.Module):
         if init_type not in MULTIMODAL_INITS:
             raise OptionsError(
                 f"--init_multimodal {init_type!r} is not supported: choose one of "
-                f"{', '.join(MULTIMODAL_INITS)} (the reference's *_init variants crash; docs/reference-notes.md RN-21)."
+                f"{', '.join(MULTIMODAL_INITS)} (the reference's *_init variants crash; "
+                "docs/reference-notes.md RN-21)."
             )
         if self.nb_background_modes < 2:
             raise OptionsError("--init_multimodal needs --nb_background_modes of at least 2.")
