@@ -81,7 +81,7 @@ def build_label_lut(inv: Mapping[int, int], allowed: Iterable[int], fallback: in
 def voc_masking_lut(labels: Sequence[int], labels_old: Sequence[int], data_masking: str) -> np.ndarray:
     """VOC target mapping for background-stripped ``labels`` / ``labels_old``.
 
-    As the reference's ``VOCSegmentationIncremental.__init__`` (its ``data_masking`` branches).
+    Reference: ``VOCSegmentationIncremental.__init__`` (its ``data_masking`` branches).
 
     * ``current``: old and future classes -> 0, 255 kept;
     * ``current+old``: old classes keep their (reordered) index, future -> 0;
