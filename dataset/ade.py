@@ -87,7 +87,7 @@ class AdeSegmentation(ImageLabelPairs):
                 raise ade_error(f"The folder {folder} does not exist.")
         # Reference behaviour (``AdeSegmentation.__init__``): sorted listing; annotation = image name
         # with "jpg" -> "png".
-        # Only .jpg files are listed, so stray files (.DS_Store ...) do not shift the indices.
+        # Only .jpg files are listed, so stray files (.DS_Store ...) do not shift the indices (RN-55).
         names = sorted(n for n in os.listdir(self.image_folder) if n.lower().endswith(".jpg"))
         if not names:
             raise ade_error(f"The folder {self.image_folder} holds no .jpg image.")
