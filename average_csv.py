@@ -1,14 +1,15 @@
-"""Summarise a results CSV of a continual run (§10.4).
+"""Summarise a results CSV of a continual run (the reference's ``average_csv.py``).
 
 Usage: ``python average_csv.py <csv>``
 
-The CSV has one row per step, ``step,IoU_0,...,IoU_{K-1},MeanIoU`` (§10.3), with ``X`` for a class absent
-from that step's test ground truth and ``x`` for a class not learned yet. Printed, as percentages with two
+The CSV has one row per step, ``step,IoU_0,...,IoU_{K-1},MeanIoU`` (as the reference's ``run.py``
+``main`` writes it), with ``X`` for a class absent from that step's test ground truth and ``x`` for a
+class not learned yet. Printed, as percentages with two
 decimals: the final step, the background IoU of the last step, the mean IoU over the step-0 foreground
 classes ("old") and over the classes added later ("new") at the last step, the last step's mIoU ("all"),
 and the mean of the mIoU column over all steps ("Avg").
 
-Reference behaviour (Q29, fixed on purpose): the reference crashes on ``X`` in the last row and, when a
+Reference behaviour (RN-29, fixed on purpose): the reference crashes on ``X`` in the last row and, when a
 step-0 class is absent from the step-0 test set (``X`` in row 0), takes that column as the end of the
 step-0 classes. Here the end of the step-0 classes is the first lower-case ``x`` of row 0 (the first class
 not learned at step 0), and ``X``/``x`` entries of the last row are left out of the old/new means, with a
@@ -158,7 +159,8 @@ def summarize(rows: Sequence[Sequence[str]], notes: list[str] | None = None) -> 
         "avg": sum(miou) / len(miou),
     }
     if len(rows) == 1:
-        # Reference behaviour (§10.4): a single step (joint/offline training) reports bg/old/new as 0.
+        # Reference behaviour (``average_csv.py``): a single step (joint/offline training) reports
+        # bg/old/new as 0.
         return summary
     # Columns: 0 = step, 1 = class 0 (background), 2..col-1 = step-0 foreground, col..-2 = later classes.
     col = _first_unlearned_column(first)

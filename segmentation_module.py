@@ -1,8 +1,8 @@
-"""The incremental segmentation model (§5.4-5.5) and its builder ``make_model`` (§5.7).
+"""The incremental segmentation model and its builder ``make_model`` (reference ``segmentation_module.py``).
 
 ``IncrementalSegmentationModule`` = ResNet body + DeepLabV3 head + one 1x1 classifier per incremental step
 for images, or DGCNN body + per-point head + one per-point classifier per step for point clouds
-(``--backbone dgcnn``). Its state-dict keys are the reference's without the DDP ``module.`` prefix (§5.6);
+(``--backbone dgcnn``). Its state-dict keys are the reference's without the DDP ``module.`` prefix;
 ``utils.checkpoint`` adds or strips the prefix so reference checkpoints load unchanged.
 """
 
@@ -42,7 +42,8 @@ NORM_ACTS = ("iabn_sync", "iabn", "abn", "std", "iabn_sync_test")
 MULTIMODAL_FUSIONS = ("sum", "mean", "max", "softmax")
 MULTIMODAL_INITS = ("max", "softmax", "max_remove", "softmax_remove")
 ALIGN_TYPES = ("old", "background", "all")
-# Reference behaviour (§5.4): Cityscapes-as-domains keeps one 19-way classifier at every step.
+# Reference behaviour (``IncrementalSegmentationModule.__init__``): Cityscapes-as-domains keeps one 19-way
+# classifier at every step.
 CITYSCAPES_CLASSES = 19
 # Classifier convolutions and their functional form by the number of spatial axes of the logits:
 # (B, C, N) per-point logits of point clouds, (B, C, H, W) maps of images.
@@ -74,7 +75,7 @@ def build_norm_act(
         raise OptionsError(f"Unknown --norm_act {norm_act!r}: choose one of {', '.join(NORM_ACTS)}.")
     if abn_impl not in ("torch", "inplace_abn"):
         raise OptionsError(f"Unknown --abn_impl {abn_impl!r}: choose torch or inplace_abn.")
-    # Q12: the reference built BatchNorm2d for iabn_sync_test (and crashed); it is plain iabn_sync here.
+    # RN-12: the reference built BatchNorm2d for iabn_sync_test (and crashed); it is plain iabn_sync here.
     kind = "iabn_sync" if norm_act == "iabn_sync_test" else norm_act
     act = {"activation": "leaky_relu", "activation_param": 0.01}
     if kind == "std":
@@ -83,7 +84,8 @@ def build_norm_act(
         package = import_inplace_abn()
         if use_cuda:
             if kind == "iabn_sync":
-                # The LGKD fix (§5.1): pass the WORLD group explicitly so statistics are global.
+                # The LGKD fix (reference ``make_model``): pass the WORLD group explicitly so statistics are
+                # global.
                 extra = {"group": group} if group is not None else {}
                 return functools.partial(package.InPlaceABNSync, **act, **extra)
             return functools.partial(package.InPlaceABN if kind == "iabn" else package.ABN, **act)
@@ -109,7 +111,8 @@ def imagenet_weights_path(opts: argparse.Namespace) -> Path:
 
 
 def classifier_sizes_for(opts: argparse.Namespace, classes: Sequence[int]) -> list[int]:
-    """Classifier sizes of the model for the per-step class counts ``classes`` (§5.4 exceptions applied)."""
+    """Classifier sizes of the model for the per-step class counts ``classes`` (the reference's
+    ``IncrementalSegmentationModule.__init__`` exceptions applied)."""
     if opts.dataset == "cityscapes_domain":
         return [int(getattr(opts, "num_classes", None) or CITYSCAPES_CLASSES)]
     if getattr(opts, "base_weights", False):
@@ -120,7 +123,7 @@ def classifier_sizes_for(opts: argparse.Namespace, classes: Sequence[int]) -> li
 def make_model(
     opts: argparse.Namespace, classes: Sequence[int] | None = None
 ) -> IncrementalSegmentationModule:
-    """Build the model of one step from the options (§5, §7.1).
+    """Build the model of one step from the options (reference ``make_model``, called by ``run_step``).
 
     Args:
         opts: parsed options (backbone, output_stride, norm_act, abn_impl, recompute_abn, no_pretrained,
@@ -135,7 +138,7 @@ def make_model(
         OptionsError: bad model options; CheckpointError: missing or unusable ImageNet weights.
     """
     if classes is None:
-        # Q21: the reference then referred to a SegmentationModule that does not exist.
+        # RN-21: the reference then referred to a SegmentationModule that does not exist.
         raise ValueError("make_model needs the per-step class counts (tasks.get_per_task_classes).")
     group = torch.distributed.group.WORLD if is_dist_avail_and_initialized() else None
     norm = build_norm_act(
@@ -289,7 +292,7 @@ class IncrementalSegmentationModule(nn.Module):
             if i == 0 and self.nb_background_modes > 1:
                 logits.append(self._fuse_background(conv(x_pl)))
             elif self.use_cosine:
-                # Reference behaviour (Q22): only the weights are L2-normalised (and there is no bias); the
+                # Reference behaviour (RN-22): only the weights are L2-normalised (and there is no bias); the
                 # reference normalises the features into a variable it never uses, so raw features go in.
                 conv_fn = _CONV_FNS[self.spatial_dims]
                 logits.append(conv_fn(x_pl, F.normalize(conv.weight, p=2, dim=1)))
@@ -340,7 +343,7 @@ class IncrementalSegmentationModule(nn.Module):
     def fix_bn(self) -> None:
         """Put every BN/ABN layer in eval mode and freeze its affine parameters.
 
-        Reference behaviour (Q19): a later ``model.train()`` puts the layers back in training mode; only the
+        Reference behaviour (RN-19): a later ``model.train()`` puts the layers back in training mode; only the
         freezing of weight and bias persists.
         """
         for module in self.modules():
@@ -357,7 +360,8 @@ class IncrementalSegmentationModule(nn.Module):
 
     @torch.no_grad()
     def init_new_classifier(self, device: torch.device | str | None = None) -> None:
-        """MiB balanced initialisation of the newest classifier from the background one (§5.5).
+        """MiB balanced initialisation of the newest classifier from the background one (reference
+        ``init_new_classifier``).
 
         Every new row gets the background weight and the bias ``b_bg - ln(N + 1)``; the old background bias
         gets the same value, so background and the N new classes share the old background probability equally.
@@ -374,7 +378,7 @@ class IncrementalSegmentationModule(nn.Module):
             return  # cosine classifiers: weights only
         new_bias = (bg_bias - self._log_new_classes(device).to(bg_bias.dtype).to(bg_bias.device)).squeeze()
         new_cls.bias.copy_(new_bias.expand_as(new_cls.bias))
-        # Reference behaviour (§5.5 / Q7): the old background bias is lowered by ln(N + 1) too.
+        # Reference behaviour (RN-07): the old background bias is lowered by ln(N + 1) too.
         if self.nb_background_modes > 1:
             bg_cls.bias.copy_(new_bias.expand_as(bg_cls.bias))
         else:
@@ -401,7 +405,8 @@ class IncrementalSegmentationModule(nn.Module):
     def init_new_classifier_multimodal(
         self, device: torch.device | str, train_loader: Iterable[Any], init_type: str
     ) -> None:
-        """Initialise each new class from the background modes that win on its pixels (§5.5).
+        """Initialise each new class from the background modes that win on its pixels (reference
+        ``init_new_classifier_multimodal``).
 
         ``max``: weight of the winning mode and its bias ``- ln(N + 1)``; ``softmax``: the
         softmax(counts)-weighted average of the mode weights and biases. The winning mode's bias is
@@ -414,7 +419,8 @@ class IncrementalSegmentationModule(nn.Module):
         if init_type not in MULTIMODAL_INITS:
             raise OptionsError(
                 f"--init_multimodal {init_type!r} is not supported: choose one of "
-                f"{', '.join(MULTIMODAL_INITS)} (the reference's *_init variants crash, Q21)."
+                f"{', '.join(MULTIMODAL_INITS)} (the reference's *_init variants crash; "
+                "docs/reference-notes.md RN-21)."
             )
         if self.nb_background_modes < 2:
             raise OptionsError("--init_multimodal needs --nb_background_modes of at least 2.")
@@ -423,8 +429,9 @@ class IncrementalSegmentationModule(nn.Module):
         bg_cls, new_cls = self.cls[0], self.cls[-1]
         bias_diff = self._log_new_classes(device).to(bg_cls.bias.device).squeeze()
         chosen = []
-        # Reference behaviour (§5.5): classes are handled in order and each overwrites its winning mode's
-        # bias, so a later class won by the same mode starts from the already lowered bias.
+        # Reference behaviour (``init_new_classifier_multimodal``): classes are handled in order and each
+        # overwrites its winning mode's bias, so a later class won by the same mode starts from the already
+        # lowered bias.
         for c in range(self.classes[-1]):
             mode = int(winners[:, c].argmax())
             chosen.append(mode)
@@ -476,7 +483,8 @@ class IncrementalSegmentationModule(nn.Module):
 
     @torch.no_grad()
     def align_weight(self, align_type: str) -> None:
-        """Scale the newest classifier so its mean row norm equals that of the old classifiers (§5.5).
+        """Scale the newest classifier so its mean row norm equals that of the old classifiers (reference
+        ``align_weight``).
 
         ``old``: old rows without background; ``background``: background row of ``cls[0]`` (plus later old
         classifiers); ``all``: every old row.

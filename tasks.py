@@ -2,9 +2,10 @@
 
 A task maps a step index to the list of class indices learned at that step. Step 0 always contains the
 background class 0 for VOC, ADE20k, S3DIS and ScanNet. The 2D tables reproduce the reference exactly
-(§3.1), including the stored order of the random-order VOC tasks ``15-5s_b`` .. ``15-5s_w``: the datasets
-re-index classes by task order, so that order is part of the task definition. The 3D tables follow
-3DPC-CISS's class orders and settings (see ``tasks_s3dis`` below).
+(``tasks.py`` ``tasks_voc``, ``tasks_ade``, ``tasks_cityscapes_domain``), including the stored order of the
+random-order VOC tasks ``15-5s_b`` .. ``15-5s_w``: the datasets re-index classes by task order, so that order
+is part of the task definition. The 3D tables follow 3DPC-CISS's class orders and settings (see
+``tasks_s3dis`` below).
 
 This module is pure: no I/O and no torch. ``path_base`` is only a string (the reference split-cache
 location, relative to the working directory); callers decide where caches really go.
@@ -142,8 +143,8 @@ TASKS: dict[str, dict[str, dict[int, list[int]]]] = {
 def get_task_list() -> list[str]:
     """Return every task name of every dataset, for the ``--task`` choices.
 
-    Reference behaviour (§3.2): the key lists are concatenated, so names shared by several datasets
-    (``offline``) appear several times; whether a task exists for the chosen dataset is checked later
+    Reference behaviour (``get_task_list``): the key lists are concatenated, so names shared by several
+    datasets (``offline``) appear several times; whether a task exists for the chosen dataset is checked later
     (:func:`get_task_dict`, called by ``argparser.validate_options``).
     """
     return [name for tasks in TASKS.values() for name in tasks]
@@ -203,7 +204,7 @@ def get_task_labels(dataset: str, task: str, step: int) -> tuple[list[int], list
     task_dict = _checked_task(dataset, task, step)
     labels = list(task_dict[step])
     labels_old = [label for s in range(step) for label in task_dict[s]]
-    # Reference behaviour (§3.2): a path relative to the working directory, not to --data_root.
+    # Reference behaviour (``get_task_labels``): a path relative to the working directory, not to --data_root.
     path_base = f"data/{dataset}/{task}"
     return labels, labels_old, path_base
 
@@ -212,7 +213,7 @@ def get_per_task_classes(dataset: str, task: str, step: int) -> list[int]:
     """Number of labels introduced at each step 0 .. ``step``, e.g. VOC 15-5s step 3 -> [16, 1, 1, 1].
 
     For ``cityscapes_domain`` these are domain counts; the model ignores them there (one 19-way
-    classifier at every step, §5.4).
+    classifier at every step, reference ``IncrementalSegmentationModule.__init__``).
 
     Raises:
         TaskError: unknown dataset or task, or step out of range.

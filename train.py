@@ -8,7 +8,7 @@ by :func:`utils.loss_terms.build_loss_terms`, and the training iteration is
     -> one scaled backward of the sum -> regulariser update (rank 0) and penalty gradient
     -> optimizer step -> scheduler step,
 
-the order of operations of the reference (spec §8.3, §8.8). ``features_distillation`` (POD, PLOP eq. 2-4)
+the order of operations of the reference's ``Trainer.train``. ``features_distillation`` (POD, PLOP eq. 2-4)
 is re-exported here because the reference exposed it from ``train.py``.
 """
 
@@ -39,7 +39,8 @@ from utils.regularizer import get_regularizer
 
 __all__ = ["Trainer", "features_distillation", "autocast_settings"]
 
-# Reference behaviour (§8.10): interval logging every 10 iterations, hard-coded in the reference;
+# Reference behaviour (RN-25; ``Trainer.train`` ``print_int=10``): interval logging every 10 iterations,
+# hard-coded in the reference;
 # --print_interval (default 10) now drives it.
 DEFAULT_PRINT_INTERVAL = 10
 
@@ -111,7 +112,8 @@ class Trainer:
         self.loss_terms = terms.to(device)
         self.ret_intermediate = needs_intermediate(opts)
         self.use_old = model_old is not None and step > 0 and needs_old_outputs(opts, self.info)
-        # Reference behaviour (§8.11): at validation the old model runs only for ILT, KD and iCaRL.
+        # Reference behaviour (``Trainer.validate``): at validation the old model runs only for ILT, KD and
+        # iCaRL.
         self.use_old_val = (
             model_old is not None and step > 0 and needs_old_outputs(opts, self.info, validation=True)
         )
@@ -189,9 +191,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ public API
     def before(self, train_loader: Iterable) -> None:
-        """Compute the per-class pseudo-label thresholds before training (PLOP §3.2; spec §8.2).
+        """Compute the per-class pseudo-label thresholds before training (PLOP Sec. 3.2; reference
+        ``Trainer.find_median``).
 
-        Reference behaviour (§8.2 / Q5): each rank runs on its own shard without synchronisation.
+        Reference behaviour (RN-05): each rank runs on its own shard without synchronisation.
         """
         if self.pseudo_mode not in ("median", "entropy"):
             return
@@ -223,7 +226,8 @@ class Trainer:
         print_int: int | None = None,
         logger: Any = None,
     ) -> tuple[float, float]:
-        """Train one epoch; returns (class_loss, reg_loss) averaged over iterations and ranks (§8.10)."""
+        """Train one epoch; returns (class_loss, reg_loss) averaged over iterations and ranks (as the
+        reference's ``Trainer.train``)."""
         print_int = print_int or self.print_interval
         model = self.model
         self.model_without_ddp.in_eval = False
@@ -244,7 +248,7 @@ class Trainer:
             if scheduler is not None:
                 scheduler.step()
             epoch_loss += losses["ce"].detach()
-            # Reference behaviour (§8.10): the "reg" epoch sum holds reg + KD + ILT + iCaRL, not POD/EntMin.
+            # Reference behaviour (RN-28): the "reg" epoch sum holds reg + KD + ILT + iCaRL, not POD/EntMin.
             for name in ("reg", "kd", "de", "icarl"):
                 if name in losses:
                     reg_loss_sum += losses[name].detach()
@@ -291,7 +295,7 @@ class Trainer:
         return losses
 
     def _regularizer_step(self, optim: torch.optim.Optimizer) -> Tensor:
-        """EWC / RW / PI (spec §8.9): update on rank 0 with the unscaled, all-reduced gradients, then add
+        """EWC / RW / PI (RN-32): update on rank 0 with the unscaled, all-reduced gradients, then add
         the penalty's gradient.
 
         The reference ran a second (loss-scaled) backward for the penalty. Here the main gradients are
@@ -364,7 +368,8 @@ class Trainer:
         metrics: Any,
         ret_samples_ids: list[int] | None = None,
     ) -> tuple[tuple[float, float], dict, list]:
-        """Evaluate on ``loader`` (spec §8.11): losses unweighted as the reference, metrics on the device.
+        """Evaluate on ``loader`` (reference ``Trainer.validate``): losses unweighted as the reference
+        (RN-28), metrics on the device.
 
         Returns ((class_loss, reg_loss), score, samples) where samples are (image, target, prediction)
         numpy triplets of the requested batch indices (first image of each batch).
@@ -432,7 +437,8 @@ class Trainer:
         return (class_loss.item() / denom, reg_loss.item() / denom), score, samples
 
     def state_dict(self) -> dict:
-        """``trainer_state`` of the checkpoint (spec §10.2): the regulariser's state."""
+        """``trainer_state`` of the checkpoint (the reference's ``run.py`` ``save_ckpt`` format): the
+        regulariser's state."""
         return {"regularizer": self.regularizer.state_dict() if self.regularizer is not None else None}
 
     def load_state_dict(self, state: dict) -> None:

@@ -1,4 +1,4 @@
-"""ADE20k SceneParsing (ADEChallengeData2016), 150 classes plus void 0 (§4.4)."""
+"""ADE20k SceneParsing (ADEChallengeData2016), 150 classes plus void 0 (reference ``dataset/ade.py``)."""
 
 from __future__ import annotations
 
@@ -85,8 +85,9 @@ class AdeSegmentation(ImageLabelPairs):
         for folder in (self.image_folder, annotation_folder):
             if not folder.is_dir():
                 raise ade_error(f"The folder {folder} does not exist.")
-        # Reference behaviour (§4.4): sorted listing; annotation = image name with "jpg" -> "png".
-        # Only .jpg files are listed, so stray files (.DS_Store ...) do not shift the indices.
+        # Reference behaviour (``AdeSegmentation.__init__``): sorted listing; annotation = image name
+        # with "jpg" -> "png".
+        # Only .jpg files are listed, so stray files (.DS_Store ...) do not shift the indices (RN-55).
         names = sorted(n for n in os.listdir(self.image_folder) if n.lower().endswith(".jpg"))
         if not names:
             raise ade_error(f"The folder {self.image_folder} holds no .jpg image.")
@@ -105,7 +106,8 @@ class AdeSegmentation(ImageLabelPairs):
 
 
 class AdeSegmentationIncremental(IncrementalSegmentationDataset):
-    """ADE20k images relevant to one incremental step, labels masked and reordered (§4.4).
+    """ADE20k images relevant to one incremental step, labels masked and reordered (reference
+    ``AdeSegmentationIncremental.__init__``).
 
     Args:
         root: data root containing ``ADEChallengeData2016/``.

@@ -59,7 +59,8 @@ class DatasetBundle:
 def split_cache_dir(opts: Any, path_base: str) -> Path:
     """Folder of the kept-index caches: ``{cache_dir}/{dataset}/{task}`` or the reference ``path_base``.
 
-    ``-ov`` is appended with ``--overlap`` (§3.2), so ``data/voc/15-5s-ov/train-3.npy`` by default.
+    ``-ov`` is appended with ``--overlap`` (reference ``run.py`` ``get_dataset``), so
+    ``data/voc/15-5s-ov/train-3.npy`` by default.
     """
     cache_dir = getattr(opts, "cache_dir", None)
     base = os.path.join(cache_dir, opts.dataset, opts.task) if cache_dir else path_base
@@ -80,7 +81,7 @@ def step_transforms(opts: Any) -> tuple[Compose | PointCloudTransform, Compose |
 
 
 def build_datasets(opts: Any) -> DatasetBundle:
-    """Reference ``get_dataset`` (§4.3 table): the step's train, val and test sets, of images or of
+    """Reference ``run.py`` ``get_dataset``: the step's train, val and test sets, of images or of
     point-cloud blocks (S3DIS, ScanNet: same roles and cache files, 3DPC-CISS transforms).
 
     * train: the training split, current/previous labels, ``--overlap``, ``--data_masking``,
@@ -130,8 +131,8 @@ def build_datasets(opts: Any) -> DatasetBundle:
         **common,
     )
     if opts.cross_val:
-        # Reference behaviour (§4.7): torch's global generator draws the split, so it follows
-        # --random_seed; the val part keeps the training transform.
+        # Reference behaviour (``get_dataset``, ``random_split``): torch's global generator draws the
+        # split, so it follows --random_seed; the val part keeps the training transform.
         train_len = int(0.8 * len(train_dst))
         train_dst, val_dst = random_split(train_dst, [train_len, len(train_dst) - train_len])
     else:
@@ -141,7 +142,7 @@ def build_datasets(opts: Any) -> DatasetBundle:
             overlap=True, data_masking=opts.data_masking, step=step, **common,
         )
     image_set = "train" if opts.val_on_trainset else "val"
-    # Reference behaviour (§4.3 / Q3): the test set holds every seen class with no "old" ones, so it is
+    # Reference behaviour (RN-03): the test set holds every seen class with no "old" ones, so it is
     # filtered to images with at least one seen class and future classes become background.
     test_dst = dataset_cls(
         root=opts.data_root, train=opts.val_on_trainset, transform=eval_tf, labels=list(labels_cum),

@@ -1,4 +1,4 @@
-"""Cityscapes with cities as incremental domains (§4.5).
+"""Cityscapes with cities as incremental domains (reference ``dataset/cityscapes_domain.py``).
 
 Here the task "labels" are domain ids (one per city), not classes: every step trains all 19 classes,
 on the images of the step's cities.
@@ -101,7 +101,8 @@ class CityscapesSegmentationDomain(ImageLabelPairs):
 
 
 class CityscapesSegmentationIncrementalDomain(IncrementalSegmentationDataset):
-    """Cityscapes images of the step's domains (cities), labels as the 19 trainIds (§4.5).
+    """Cityscapes images of the step's domains (cities), labels as the 19 trainIds (reference
+    ``CityscapesSegmentationIncrementalDomain``).
 
     Args:
         root: the Cityscapes root.
@@ -133,7 +134,7 @@ class CityscapesSegmentationIncrementalDomain(IncrementalSegmentationDataset):
         self.masking = masking
         full = CityscapesSegmentationDomain(root)
         self.domains = np.asarray(full.domains, dtype=np.int64)
-        # Reference behaviour (§4.5 / Q9): train and test each shuffle their own filtered list with
+        # Reference behaviour (RN-09): train and test each shuffle their own filtered list with
         # RandomState(1) and split it 80/20, so a test image may have been trained on.
         super().__init__(
             full.images, labels=labels, labels_old=None, transform=transform, idxs_path=idxs_path,

@@ -1,14 +1,19 @@
-"""The one incremental-dataset base class shared by VOC, ADE20k and Cityscapes-domain (§4.2-4.5).
+"""The one incremental-dataset base class shared by VOC, ADE20k and Cityscapes-domain.
 
-A raw reader per dataset only lists ``(image_path, label_path)`` pairs. This module does the rest:
+It does what the reference's ``dataset/utils.py`` ``filter_images`` and the ``__init__`` of its
+``VOCSegmentationIncremental``, ``AdeSegmentationIncremental`` and
+``CityscapesSegmentationIncrementalDomain`` do. A raw reader per dataset only lists
+``(image_path, label_path)`` pairs. This module does the rest:
 
 * label bookkeeping: background 0 is stripped from ``labels``/``labels_old``, which must be disjoint;
-* per-step filtering of the split (§4.2), overlap or disjoint, from the set of values of each mask;
-  the scan runs in a process pool and its result is cached as the reference's ``train-{step}.npy``
-  files, guarded by a JSON sidecar so that a cache made for another data root or list is not reused;
-* the ``test_on_val`` 80/20 hold-out (§4.3 step 3);
-* class reordering and masking (§4.3 step 4-5, §4.4) as a 256-entry ``uint8`` lookup table applied
-  after the joint transform: ``label = lut[label]``.
+* per-step filtering of the split (``filter_images``), overlap or disjoint, from the set of values of
+  each mask; the scan runs in a process pool and its result is cached as the reference's
+  ``train-{step}.npy`` files, guarded by a JSON sidecar so that a cache made for another data root or
+  list is not reused;
+* the ``test_on_val`` 80/20 hold-out (``VOCSegmentationIncremental.__init__``);
+* class reordering and masking (``inverted_order`` and the target transforms of the VOC and ADE
+  classes) as a 256-entry ``uint8`` lookup table applied after the joint transform:
+  ``label = lut[label]``.
 """
 
 from __future__ import annotations
@@ -74,7 +79,9 @@ def build_label_lut(inv: Mapping[int, int], allowed: Iterable[int], fallback: in
 
 
 def voc_masking_lut(labels: Sequence[int], labels_old: Sequence[int], data_masking: str) -> np.ndarray:
-    """VOC target mapping (§4.3 step 5) for background-stripped ``labels`` / ``labels_old``.
+    """VOC target mapping for background-stripped ``labels`` / ``labels_old``.
+
+    Reference: ``VOCSegmentationIncremental.__init__`` (its ``data_masking`` branches).
 
     * ``current``: old and future classes -> 0, 255 kept;
     * ``current+old``: old classes keep their (reordered) index, future -> 0;
@@ -104,11 +111,12 @@ def voc_masking_lut(labels: Sequence[int], labels_old: Sequence[int], data_maski
 def ade_masking_lut(
     labels: Sequence[int], labels_old: Sequence[int], masking: bool = True, ignore_test_bg: bool = False
 ) -> np.ndarray:
-    """ADE20k target mapping (§4.4) for background-stripped ``labels`` / ``labels_old``.
+    """ADE20k target mapping for background-stripped ``labels`` / ``labels_old``.
 
-    Reference behaviour (§4.4): no 0 is prepended to the kept labels, so background/void 0, old and
-    future classes and even 255 all become the masking value (0, or 255 with ``ignore_test_bg``).
-    Without masking (``--no_mask``) every class of ``[0] + labels_old + labels`` is only reordered.
+    Reference behaviour (``AdeSegmentationIncremental.__init__``): no 0 is prepended to the kept labels,
+    so background/void 0, old and future classes and even 255 all become the masking value (0, or 255
+    with ``ignore_test_bg``). Without masking (``--no_mask``) every class of
+    ``[0] + labels_old + labels`` is only reordered.
     """
     inv = inverted_order([0, *labels_old, *labels])
     masking_value = 0
@@ -278,7 +286,7 @@ def _digest(idxs: np.ndarray) -> str:
 class IndexCache:
     """Kept-index file of the reference (``train-{step}.npy``) plus a JSON sidecar ``<file>.json``.
 
-    Reference behaviour (Q27) fixed: the reference reused any existing file, even one made for another
+    Reference behaviour (RN-27) fixed: the reference reused any existing file, even one made for another
     data root or split list. Here the sidecar records what the indices were computed from and a
     checksum of the file; any difference means recompute and overwrite.
     """
@@ -454,7 +462,8 @@ class IncrementalSegmentationDataset(Dataset):
             self.inverted_order = inverted_order(self.order)
             idxs = self._load_or_compute_indices()
             if holdout:
-                # Reference behaviour (§4.3 step 3 / Q25): a fixed RandomState(1) shuffle, 80/20.
+                # Reference behaviour (RN-25; ``VOCSegmentationIncremental.__init__``): a fixed RandomState(1)
+                # shuffle, 80/20.
                 self.indices = holdout_split(idxs, train)
             else:
                 self.indices = [int(i) for i in idxs]
@@ -515,7 +524,8 @@ class IncrementalSegmentationDataset(Dataset):
         return idxs
 
     def compute_indices(self) -> np.ndarray:
-        """Filter the split from the values of every mask (§4.2)."""
+        """Filter the split from the values of every mask (reference ``dataset/utils.py``
+        ``filter_images``)."""
         name = self.idxs_path.stem if self.idxs_path is not None else "split"
         presence, problem = scan_masks(
             self.samples, workers=self.scan_workers, progress=self.progress,

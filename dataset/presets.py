@@ -29,7 +29,7 @@ def val_transform(crop_size: int, crop_val: bool = True) -> Compose:
         crop_val: the ``--crop_val`` option (default True). False keeps full images (loader batch 1).
 
     Evaluation happens on the centre crop, not on the full image, as in the reference
-    (``docs/reference-notes.md#rn-02``). CenterCrop pads small images with 0 in PIL, before the tensor
+    (RN-02). CenterCrop pads small images with 0 in PIL, before the tensor
     conversion, so padded pixels normalise to ``-mean / std`` exactly as with the reference's ToTensor +
     Normalize.
     """

@@ -1,4 +1,4 @@
-"""Paired image/label transforms (§4.6), written with PIL and torch only.
+"""Paired image/label transforms (reference ``dataset/transform.py``), written with PIL and torch only.
 
 Every transform takes and returns an ``(image, label)`` pair and applies the same geometry to both:
 the image is resampled bilinearly, the label with nearest neighbour so that no new class values appear.
@@ -116,7 +116,7 @@ class RandomResizedCrop:
     ) -> tuple[int, int, int, int]:
         """Sample ``(top, left, height, width)`` of the crop with python ``random``.
 
-        Reference behaviour (§4.6 / Q11): ``scale`` is an area fraction and the reference passes
+        Reference behaviour (RN-11): ``scale`` is an area fraction and the reference passes
         (0.5, 2.0), so every draw above 1 fails to fit and the centred fallback is common.
         """
         width, height = img.size

@@ -1,4 +1,4 @@
-"""Pascal VOC 2012 with the SBD-augmented masks (§4.1, §4.3)."""
+"""Pascal VOC 2012 with the SBD-augmented masks (reference ``dataset/voc.py``)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def parse_split_file(split_file: Path, voc_root: Path) -> list[tuple[str, str]]:
     Each line is ``/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png``; the image lives under
     ``PascalVOC2012/VOCdevkit/VOC2012/`` and the mask under ``PascalVOC2012/``.
 
-    Reference behaviour (Q26) fixed harmlessly: the reference drops the last character of every line,
+    Reference behaviour (RN-26) fixed harmlessly: the reference drops the last character of every line,
     which eats a real character when the file does not end with a newline; here only a newline is
     dropped. Blank lines are skipped; a line without two paths raises :class:`DatasetError`.
     """
@@ -119,7 +119,8 @@ class VOCSegmentation(ImageLabelPairs):
 
 
 class VOCSegmentationIncremental(IncrementalSegmentationDataset):
-    """VOC images relevant to one incremental step, labels masked and reordered (§4.3).
+    """VOC images relevant to one incremental step, labels masked and reordered (reference
+    ``VOCSegmentationIncremental.__init__``).
 
     Args:
         root: data root containing ``PascalVOC2012/``.
@@ -155,7 +156,7 @@ class VOCSegmentationIncremental(IncrementalSegmentationDataset):
     ) -> None:
         if labels is not None:
             if not masking:
-                # Reference behaviour (Q21): VOC with --no_mask hits `assert False`; refused up front here.
+                # Reference behaviour (RN-21): VOC with --no_mask hits `assert False`; refused up front here.
                 raise OptionsError(
                     "--no_mask is not supported for VOC (the reference stops on `assert False`). "
                     "Drop --no_mask, or use --data_masking current+old to keep the old classes' labels."

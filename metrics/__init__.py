@@ -1,4 +1,4 @@
-"""Evaluation metrics (§9)."""
+"""Evaluation metrics (reference ``metrics/stream_metrics.py``)."""
 
 from .stream_metrics import StreamSegMetrics, confusion_matrix_to_fig
 

@@ -1,4 +1,4 @@
-"""Streaming semantic-segmentation metrics (§9).
+"""Streaming semantic-segmentation metrics (reference ``metrics/stream_metrics.py`` ``StreamSegMetrics``).
 
 The confusion matrix lives on the device the predictions come from and is filled with one fixed-size
 ``scatter_add_`` per batch, so evaluation never copies label maps to the CPU, never loops over images in
@@ -19,7 +19,8 @@ from matplotlib.figure import Figure
 from utils.distributed import all_reduce_sum
 from utils.results import ABSENT
 
-# Reference behaviour (§9): ε added to the per-class denominators (not to the Overall Acc one).
+# Reference behaviour (``StreamSegMetrics.get_results``): ε added to the per-class denominators (not to the
+# Overall Acc one).
 EPS = 1e-6
 
 ArrayLike = torch.Tensor | np.ndarray
@@ -39,7 +40,8 @@ class StreamSegMetrics:
     skipped. Counts are int64, hence exact however many pixels are evaluated.
 
     Args:
-        n_classes: number of classes of the metric (all classes seen so far, §7.1).
+        n_classes: number of classes of the metric (all classes seen so far, as the reference's ``run.py``
+            ``run_step``).
         device: where the confusion matrix lives. ``None`` = the device of the first batch passed to
             :meth:`update` (the model's device in evaluation), CPU for numpy input.
         sample_ndim: axes of one sample's label map, 2 for images (H, W) and 1 for point clouds (N,); only
@@ -150,7 +152,7 @@ class StreamSegMetrics:
             device: device on which the reduction runs (a CUDA device with NCCL); ``None`` = the
                 matrix's device. The matrix stays there afterwards.
 
-        Reference behaviour (§9): the reference reduces to rank 0 only; all ranks agree here.
+        Reference behaviour (RN-36): the reference reduces to rank 0 only; all ranks agree here.
         """
         if self._synched:
             return
@@ -167,7 +169,7 @@ class StreamSegMetrics:
         self._check_predictions()
 
     def get_results(self) -> dict[str, Any]:
-        """Summary statistics of the accumulated matrix (§9), keys in the reference order.
+        """Summary statistics of the accumulated matrix, keys in the reference order (``get_results``).
 
         Means run over the classes present in the ground truth only (row sum > 0); classes absent from
         it get ``"X"`` in "Class IoU" / "Class Acc" even when they were predicted.
@@ -208,7 +210,7 @@ class StreamSegMetrics:
 
     @staticmethod
     def to_str(results: dict[str, Any]) -> str:
-        """The reference's text summary (§9): scalar lines, then one line per class IoU and Acc."""
+        """The reference's text summary (``to_str``): scalar lines, then one line per class IoU and Acc."""
         skip = {"Class IoU", "Class Acc", "Confusion Matrix"}
         lines = [""]
         lines += [f"{key}: {float(value):f}" for key, value in results.items() if key not in skip]
@@ -229,7 +231,8 @@ def _num_samples(labels: ArrayLike, sample_ndim: int = 2) -> int:
 
 
 def confusion_matrix_to_fig(matrix: np.ndarray | torch.Tensor) -> Figure:
-    """Draw a (row-normalised) confusion matrix as the reference figure (§9).
+    """Draw a (row-normalised) confusion matrix as the reference figure
+    (``StreamSegMetrics.confusion_matrix_to_fig``).
 
     Built on a bare :class:`matplotlib.figure.Figure` with the Agg canvas, so no pyplot state (and no
     GUI backend) is involved and the figure is freed when the caller drops it.

@@ -1,4 +1,5 @@
-"""ResNet backbones without classifier (§5.2), with the reference's (inplace_abn) module names.
+"""ResNet backbones without classifier (reference ``models/resnet.py`` ``ResNet``), with the reference's
+(inplace_abn) module names.
 
 ``mod1`` is the stem (7x7 conv, norm, 3x3 max-pool); ``mod2..mod5`` hold ``block1..blockK``. The
 forward returns the activated output of ``mod5`` and the pre-activations of the last block of each of

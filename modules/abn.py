@@ -5,7 +5,7 @@ below reproduce its numerics and its state-dict layout without the CUDA extensio
 weights and checkpoints load unchanged and give the same activations:
 
 * :class:`ABN`: ``act(batch_norm(x) * weight + bias)``.
-* :class:`InPlaceABN`: the same with the scale ``|weight| + eps`` instead of ``weight`` (§5.1, Q6).
+* :class:`InPlaceABN`: the same with the scale ``|weight| + eps`` instead of ``weight`` (RN-06).
 * :class:`InPlaceABNSync`: :class:`InPlaceABN` whose training statistics are computed over the global batch of
   all processes of a ``torch.distributed`` group.
 * :class:`BatchNormAct2d`: ``nn.BatchNorm2d`` plus the same activation attributes, for ``--norm_act std``.
@@ -13,7 +13,7 @@ weights and checkpoints load unchanged and give the same activations:
 "In place" described how the compiled kernels saved memory: they keep only the layer's output for backward and
 recover the normalised input from it by inverting the activation and the affine map, which is why the scale
 must be ``|weight| + eps`` (Rota Bulò et al., "In-Place Activated BatchNorm for Memory-Optimized Training of
-DNNs", CVPR 2018, §3). By default the layers here let autograd keep the layer input and its output (the
+DNNs", CVPR 2018, Sec. 3). By default the layers here let autograd keep the layer input and its output (the
 fastest path). ``recompute=True`` (``--recompute_abn``) switches :class:`InPlaceABN` and
 :class:`InPlaceABNSync` with an invertible activation (leaky ReLU, ELU, identity) to the same output-only
 scheme (:class:`_InvertibleABNFunction`), which frees one activation-sized tensor per layer. The other layers
@@ -99,7 +99,8 @@ def _check_batch_size(x: torch.Tensor) -> None:
 
 
 def _fill_missing_num_batches_tracked(state_dict: dict[str, Any], prefix: str) -> None:
-    # The inplace_abn ImageNet files predate num_batches_tracked (§5.7): a missing counter loads as 0.
+    # The inplace_abn ImageNet files predate num_batches_tracked (loaded by the reference's
+    # ``segmentation_module.py`` ``make_model``): a missing counter loads as 0.
     key = prefix + "num_batches_tracked"
     if key not in state_dict:
         state_dict[key] = torch.tensor(0, dtype=torch.long)
@@ -178,10 +179,10 @@ def _invertible_activation(activation: str, param: float) -> bool:
 class _InvertibleABNFunction(torch.autograd.Function):
     """``act(batch_norm(x) * gamma + beta)`` with ``gamma > 0`` that saves only its output for backward.
 
-    The memory scheme of In-Place ABN (Rota Bulò et al., CVPR 2018, §3, Eqs. 5-8). Forward keeps ``y`` (the
-    activated output, which the next convolution keeps anyway) and per-channel vectors; the input ``x``
-    is not referenced, so it is freed as soon as its producer is done. Backward inverts the activation and
-    the affine map:
+    The memory scheme of In-Place ABN (Rota Bulò et al., CVPR 2018, Sec. 3, Eqs. 5-8). Forward keeps ``y``
+    (the activated output, which the next convolution keeps anyway) and per-channel vectors; the input ``x``
+    is not referenced, so it is freed as soon as its producer is done. Backward inverts the activation and the
+    affine map:
 
         z = act^-1(y),  dz = dy * act'(z),  x_hat = (z - beta) / gamma,
         dx = gamma / sigma * (dz - mean(dz) - x_hat * mean(dz * x_hat))   (training; means over N, H, W)
@@ -515,7 +516,7 @@ class ABN(_ActivationAttribute, nn.Module):
 class InPlaceABN(ABN):
     """:class:`ABN` whose scale is ``|weight| + eps`` (inplace_abn ``InPlaceABN``).
 
-    Reference behaviour (§5.1 / Q6): the compiled in-place backward needs an invertible scale, so inplace_abn
+    Reference behaviour (RN-06): the compiled in-place backward needs an invertible scale, so inplace_abn
     multiplies by ``|weight| + eps``; the reference's weights were trained that way and give the reference's
     activations only with this scale.
     """
@@ -599,7 +600,7 @@ class InPlaceABNSync(InPlaceABN):
         group = self._sync_group() if self.training else None
         if group is None:
             return super().forward(x)
-        # Reference behaviour (§5.1): the check is per rank, as in inplace_abn.
+        # Reference behaviour (inplace_abn v1.1.0 ``InPlaceABNSync``): the check is per rank.
         _check_batch_size(x)
         momentum = self._momentum()
         if self._save_output_only():
@@ -618,7 +619,7 @@ class InPlaceABNSync(InPlaceABN):
 class BatchNormAct2d(_ActivationAttribute, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` then an activation, with ABN's ``activation``/``activation_param`` attributes.
 
-    Used for ``--norm_act std`` (the reference crashed there, Q12, because BatchNorm2d had no
+    Used for ``--norm_act std`` (the reference crashed there, RN-12, because BatchNorm2d had no
     ``activation``). Its state-dict keys are BatchNorm2d's, which are also ABN's.
 
     Like the ABN layers it normalises any (N, C, *) input over every axis but C: image maps (N, C, H, W)

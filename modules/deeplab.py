@@ -1,4 +1,4 @@
-"""DeepLabV3 ASPP head (§5.3)."""
+"""DeepLabV3 ASPP head (reference ``modules/deeplab.py`` ``DeeplabV3``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 from .abn import is_norm_layer
 
 # Output stride -> dilation rates of the three 3x3 ASPP branches.
-# Reference behaviour (§5.3 / Q13): OS8 uses 32 for the last rate, not the usual 36.
+# Reference behaviour (RN-13; ``DeeplabV3.__init__``): OS8 uses 32 for the last rate, not the usual 36.
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 32)}
 
 
@@ -51,8 +51,8 @@ class DeeplabV3(nn.Module):
             raise ValueError(f"out_stride must be one of {sorted(ASPP_RATES)}, got {out_stride}")
         self.pooling_size = pooling_size
         rates = ASPP_RATES[out_stride]
-        # Registration order fixes the state-dict key order (§5.6): map_convs, map_bn, global_pooling_conv,
-        # global_pooling_bn, red_conv, pool_red_conv, red_bn.
+        # Registration order fixes the reference's state-dict key order: map_convs, map_bn,
+        # global_pooling_conv, global_pooling_bn, red_conv, pool_red_conv, red_bn.
         self.map_convs = nn.ModuleList(
             [nn.Conv2d(in_channels, hidden_channels, 1, bias=False)]
             + [nn.Conv2d(in_channels, hidden_channels, 3, dilation=r, padding=r, bias=False) for r in rates]

@@ -1,4 +1,4 @@
-"""Residual blocks of the ResNet backbones (§5.2), with the reference's module names."""
+"""Residual blocks of the ResNet backbones (reference ``modules/residual.py`` ``ResidualBlock``)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ class ResidualBlock(nn.Module):
     """Basic (two 3x3 convs) or bottleneck (1x1, 3x3, 1x1) residual block.
 
     ``pre = convs(x) + shortcut(x)``; the block returns ``act(pre)`` with the activation of ``convs.bn1``, and
-    the last block of a module also returns ``pre`` (the pre-activation used by POD and LGKD, §5.2).
+    the last block of a module also returns ``pre`` (the pre-activation used by POD and LGKD, as in the
+    reference's ``ResidualBlock.forward``).
 
     Args:
         in_channels: input channels.

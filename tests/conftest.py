@@ -56,7 +56,8 @@ def _seed_everything():
 
 
 def make_opts(**overrides) -> argparse.Namespace:
-    """The model-related reference dests (§2.1) plus the new flags, with a small CPU-friendly backbone."""
+    """The model-related reference dests (reference ``argparser.py`` ``get_argparser``) plus the new flags,
+    with a small CPU-friendly backbone."""
     values = {
         "backbone": "resnet18",
         "output_stride": 16,

@@ -1,4 +1,5 @@
-"""Activated batch norm (§5.1, §15): arithmetic by hand, buffers, loading, gradients, 2-process sync."""
+"""Activated batch norm (inplace_abn v1.1.0 ``InPlaceABNSync``; RN-06, RN-35): arithmetic by hand, buffers,
+loading, gradients, 2-process sync."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def test_inplace_abn_training_forward_and_running_stats_by_hand():
     x = torch.randn(4, 3, 5, 5) * 2 + 1
     layer = _layer(InPlaceABN, [-0.5, 0.0, 2.0], [0.1, -0.2, 0.3])
     y = layer(x)
-    # Scale |w| + eps = [0.50001, 0.00001, 2.00001], not w (Q6).
+    # Scale |w| + eps = [0.50001, 0.00001, 2.00001], not w (RN-06).
     scale = torch.tensor([0.5 + EPS, 0.0 + EPS, 2.0 + EPS])
     torch.testing.assert_close(y, _hand_bn(x, scale, layer.bias.detach()), atol=1e-5, rtol=1e-5)
     # running_mean = 0.9 * 0 + 0.1 * mean; running_var = 0.9 * 1 + 0.1 * var * n / (n - 1), n = 4*5*5 = 100.

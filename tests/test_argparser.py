@@ -1,4 +1,5 @@
-"""Command-line interface (§2): defaults snapshot, polarity, presets, derived options, validation."""
+"""Command-line interface (reference ``argparser.py``): defaults snapshot, polarity, presets, derived options,
+validation."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from argparser import (
 )
 from utils.errors import OptionsError, TaskError
 
-# Every reference flag: dest -> default, written out from §2.1 (not generated from the parser).
+# Every reference flag: dest -> default, written out from the reference's ``argparser.py``
+# ``get_argparser`` (not generated from the parser).
 REFERENCE_DEFAULTS = {
     # Performance / data
     "random_seed": 42,

@@ -1,4 +1,6 @@
-"""Checkpoint I/O (§10.2, §12, §5.7): safe loading, atomic saving, prefix handling, mismatch errors."""
+"""Checkpoint I/O (reference ``run.py`` ``save_ckpt``, the LGKD v1.0 release files, ImageNet weights as
+``segmentation_module.py`` ``make_model`` loads them): safe loading, atomic saving, prefix handling, mismatch
+errors."""
 
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ def step1_model():
 
 
 def _reference_checkpoint(model: torch.nn.Module) -> dict:
-    """A checkpoint in the reference's layout (§10.2): DDP-prefixed model_state plus training state."""
+    """A checkpoint in the reference's layout (``run.py`` ``save_ckpt``): DDP-prefixed model_state plus
+    training state."""
     return {
         "epoch": 30,
         "model_state": add_module_prefix(model.state_dict()),

@@ -1,5 +1,5 @@
-"""Incremental datasets (§4.1-4.5): filtering, masking/reordering LUTs, hold-out split, index cache,
-errors, and build_datasets on a synthetic tree."""
+"""Incremental datasets (reference ``dataset/``): filtering, masking/reordering LUTs, hold-out split, index
+cache, errors, and build_datasets on a synthetic tree."""
 
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def voc_root(tmp_path):
     return make_voc(tmp_path / "data")
 
 
-# ---- filtering (§4.2)
+# ---- filtering (reference ``dataset/utils.py`` ``filter_images``)
 
 
 @pytest.mark.parametrize(
@@ -129,7 +129,7 @@ def test_parallel_scan_equals_in_process(voc_root, monkeypatch):
     assert parallel.indices == serial.indices
 
 
-# ---- masking and reordering (§4.3, §4.4)
+# ---- masking and reordering (reference ``VOCSegmentationIncremental``, ``AdeSegmentationIncremental``)
 
 
 def test_voc_masking_modes(voc_root):
@@ -207,7 +207,7 @@ def test_test_on_val_split(voc_root):
     np.random.RandomState(1).shuffle(shuffled)
     cut = int(0.8 * len(shuffled))
     head = voc(voc_root, train=False, labels=list(range(9)), test_on_val=True)
-    # train=False keeps the last 20 % of the shuffled val indices (Q25)
+    # train=False keeps the last 20 % of the shuffled val indices (RN-25)
     assert head.indices == shuffled[cut:]
     train = voc(voc_root, train=True, labels=VOC_STEP0, test_on_val=True)
     tr = [0, 1, 3, 7]
@@ -347,7 +347,7 @@ def test_missing_ade(tmp_path):
         AdeSegmentationIncremental(tmp_path, labels=[1])
 
 
-# ---- Cityscapes domains (§4.5)
+# ---- Cityscapes domains (reference ``CityscapesSegmentationIncrementalDomain``)
 
 
 def make_cityscapes(root: Path) -> Path:

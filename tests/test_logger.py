@@ -1,4 +1,4 @@
-"""Logger (§10.1) and progress reporting."""
+"""Logger (reference ``utils/logger.py`` ``Logger``) and progress reporting."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Loss terms and their builder (spec §8.1, §8.3-§8.11): the terms of every method preset, hand values of
-the composed classification/KD terms, LGKD label downsampling, validation variants."""
+"""Loss terms and their builder (reference ``train.py`` ``Trainer``): the terms of every method preset, hand
+values of the composed classification/KD terms, LGKD label downsampling, validation variants."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def test_needs_old_outputs_and_intermediate(method):
 
 
 def test_lgkd_without_pod_still_gets_small_logits():
-    # Q14 fixed: --lgkd alone needs the intermediate features.
+    # RN-14 fixed: --lgkd alone needs the intermediate features.
     opts = make_opts("--lgkd", "--loss_kd", "1")
     assert needs_intermediate(opts)
     assert not needs_intermediate(make_opts("--lgkd"))  # loss_kd = 0: no KD term
@@ -167,7 +167,7 @@ def zeros_batch(labels: torch.Tensor, channels: int, **kw) -> StepBatch:
 
 
 def test_ce_mean_over_all_pixels_including_ignored():
-    # Zero logits over 2 classes: CE ln 2 on labelled pixels, 0 on 255; mean over 4 pixels (Q4).
+    # Zero logits over 2 classes: CE ln 2 on labelled pixels, 0 on 255; mean over 4 pixels (RN-04).
     labels = torch.tensor([[[0, 1], [255, 255]]])
     term = ClassificationTerm(nn.CrossEntropyLoss(ignore_index=255, reduction="none"))
     assert math.isclose(term(zeros_batch(labels, 2)).item(), 2 * LN2 / 4, rel_tol=1e-6)
@@ -185,7 +185,7 @@ def test_ce_mean_over_all_pixels_including_ignored():
 
 
 def test_ce_sample_weights_new_weights_every_pixel():
-    # Q18: --sample_weights_new 3 multiplies every pixel, not only new ones.
+    # RN-18: --sample_weights_new 3 multiplies every pixel, not only new ones.
     labels = torch.tensor([[[0, 1]]])
     term = ClassificationTerm(nn.CrossEntropyLoss(ignore_index=255, reduction="none"), sample_weights_new=3.0)
     assert math.isclose(term(zeros_batch(labels, 2)).item(), 3 * LN2, rel_tol=1e-6)
@@ -248,7 +248,7 @@ def test_lgkd_term_uses_small_logits_and_label_at_stride():
     # Validation: full-resolution logits and labels.
     full = LabelGuidedKnowledgeDistillationLoss()(batch.outputs, batch.outputs_old, labels)
     assert math.isclose(term.validation_loss(batch).item(), full.item(), rel_tol=1e-6)
-    # Output stride 8 (Q13 fixed): label[8 i, 8 j] on 4×4 logits; a non-multiple size falls back to size=.
+    # Output stride 8 (RN-13 fixed): label[8 i, 8 j] on 4×4 logits; a non-multiple size falls back to size=.
     assert downsample_labels(labels, 8, (4, 4))[0, 2, 2].item() == 255
     assert downsample_labels(labels[:, :31, :31], 16, (2, 2)).shape == (1, 2, 2)
 

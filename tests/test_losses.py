@@ -1,4 +1,5 @@
-"""Hand-computed values of every criterion and distillation loss in utils/loss.py (spec §8.4-§8.6).
+"""Hand-computed values of every criterion and distillation loss in utils/loss.py (the reference's
+``utils/loss.py`` classes of the same names).
 
 Most cases use one image with two pixels and three channels (B×C×H×W = 1×3×1×2) chosen so that the
 softmaxes are simple fractions:
@@ -142,7 +143,7 @@ def test_soft_crossentropy_sign_and_masks():
     z = torch.zeros(1, 2, 1, 1)
     z_old = torch.zeros(1, 2, 1, 1)
     bg, valid = torch.tensor([[[True]]]), torch.tensor([[[False]]])
-    # Uncertain background pixel: + sum_c ln(1/2) * 1/2 = -ln 2 (positive sign of Q20), factor 3.
+    # Uncertain background pixel: + sum_c ln(1/2) * 1/2 = -ln 2 (positive sign of RN-20), factor 3.
     value = soft_crossentropy(z, labels(0), z_old, valid, bg, "soft_uncertain", pseudo_soft_factor=3.0)
     assert close(value, [[[-3 * LN2]]])
     # Valid background pixel with soft_uncertain: certain -> CE = ln 2.

@@ -1,4 +1,5 @@
-"""StreamSegMetrics (§9), the evaluation sampler (Q8) and the poly learning-rate schedule (§6)."""
+"""StreamSegMetrics (reference ``metrics/stream_metrics.py``), the evaluation sampler (RN-08) and the poly
+learning-rate schedule (reference ``utils/scheduler.py`` ``PolyLR``)."""
 
 from __future__ import annotations
 
@@ -231,7 +232,7 @@ def test_sharded_sampler_covers_each_index_once(world: int, size: int) -> None:
     dataset = list(range(size))
     shards = [list(ShardedEvalSampler(dataset, num_replicas=world, rank=r)) for r in range(world)]
     flat = sorted(i for shard in shards for i in shard)
-    assert flat == list(range(size))  # no padding, no duplicates (Q8 fixed)
+    assert flat == list(range(size))  # no padding, no duplicates (RN-08 fixed)
     lengths = [len(ShardedEvalSampler(dataset, num_replicas=world, rank=r)) for r in range(world)]
     assert lengths == [len(s) for s in shards]
     assert max(lengths) - min(lengths) <= 1

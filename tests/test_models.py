@@ -1,4 +1,5 @@
-"""ResNet bodies (§5.2) and the DeepLabV3 head (§5.3): shapes, strides, key names, init, pooling."""
+"""ResNet bodies and the DeepLabV3 head (reference ``models/resnet.py``, ``modules/deeplab.py``): shapes,
+strides, key names, init, pooling."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""POD (spec §8.7): pooling vectors written out by hand, distances, options, schedule, no input mutation."""
+"""POD (reference ``train.py`` ``features_distillation``): pooling vectors written out by hand, distances,
+options, schedule, no input mutation."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def test_local_pooling_on_a_2x2_map():
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 2, 9, 9), (1, 2, 10, 7), (1, 2, 5, 8)])
 def test_vectorised_local_pooling_matches_region_loop(shape):
-    # Q10: regions of side W // s on both axes, also on non-square maps (the reference's slicing).
+    # RN-10: regions of side W // s on both axes, also on non-square maps (the reference's slicing).
     x = torch.randn(shape)
     expected = torch.cat([_local_pooling_regions(x, s, shape[-1] // s) for s in (1, 2, 4)], dim=1)
     # (With H < W the lower regions are empty and give NaN, in the reference too.)

@@ -3,7 +3,7 @@
 * channels_last (input and weights) gives the same logits, intermediate features and gradients as the
   contiguous model (only the summation order of the convolutions differs);
 * a bf16 autocast forward stays close to the fp32 forward (loose tolerance: bf16 keeps 8 mantissa bits);
-* the loss terms compute in fp32 even when the model outputs are bf16 (spec §15: softmax / log-softmax /
+* the loss terms compute in fp32 even when the model outputs are bf16 (RN-31: softmax / log-softmax /
   LSE and the POD powers and norms in fp32): the loss of bf16 inputs equals the loss of the same values
   cast to fp32, and is an fp32 tensor.
 

@@ -1,4 +1,5 @@
-"""Pseudo-labelling (spec §8.5) and the approximate median of find_median with its quirks (§8.2, Q5)."""
+"""Pseudo-labelling (reference ``Trainer.train``) and the approximate median of ``Trainer.find_median`` with
+its quirks (RN-05)."""
 
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def test_median_float_bin_index_error():
 
 @pytest.mark.parametrize("spread", [0.0, 1.0, 4.0, 30.0], ids=["uniform", "unsure", "mixed", "confident"])
 def test_entropy_thresholds_are_degenerate_whatever_the_data(spread):
-    """Reference behaviour kept on purpose (docs/reference-notes.md#rn-05): with the channel-mean entropy
+    """Reference behaviour kept on purpose (RN-05): with the channel-mean entropy
     divided again by ln C_new, every value of VOC 15 -> 16 lies in [0, 1/(16 ln 17)] ~ [0, 0.022], i.e. the
     first 3 of 100 bins, and the per-class thresholds of the predicted classes land between 0.005 (every
     pixel in bin 0) and about 0.025 (bin 2), from a one-hot to a uniform old model."""

@@ -261,7 +261,7 @@ def note_rows() -> list[tuple[str, list[str]]]:
 def test_reference_notes_is_one_table_with_stable_anchors() -> None:
     rows = note_rows()
     anchors = [anchor for anchor, _ in rows]
-    # Numbered without gaps and each once: code cites them as docs/reference-notes.md#rn-NN.
+    # Numbered without gaps and each once: code cites them as RN-NN.
     assert anchors == [f"rn-{i:02d}" for i in range(1, len(rows) + 1)] and len(rows) >= 30
     header = "| ID | Status | What | Why | Effect on numbers | Where to check in the reference |"
     assert header in NOTES.read_text(encoding="utf-8")

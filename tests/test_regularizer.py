@@ -1,4 +1,5 @@
-"""EWC / PI / RW (spec §8.9): zero penalty at init, update formulas, module. names, state round trip."""
+"""EWC / PI / RW (reference ``utils/regularizer.py``): zero penalty at init, update formulas, module. names,
+state round trip."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def test_ewc_skips_parameters_without_grad():
     model = tiny_model()
     ewc = EWC(model, None, "cpu")
     model[0].weight.grad = torch.ones(2, 2)
-    model[0].bias.grad = None  # the reference crashed here (Q30)
+    model[0].bias.grad = None  # the reference crashed here (RN-30)
     ewc.update()
     assert torch.equal(ewc.fisher["module.0.bias"], torch.ones(2))
     assert torch.allclose(ewc.fisher["module.0.weight"], torch.ones(2, 2))

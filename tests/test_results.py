@@ -1,4 +1,4 @@
-"""Results CSV (§10.3) and average_csv.py (§10.4, Q29)."""
+"""Results CSV (reference ``run.py`` ``main``) and average_csv.py (RN-29)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Experiment scripts (§11): every run.py line parses and resolves to the reference settings.
+"""Experiment scripts (reference ``scripts/*/*.sh``): every run.py line parses and resolves to the reference
+settings.
 
 The scripts are run with ``DRY_RUN=1`` (they print their torchrun lines instead of running them); each
 printed line is parsed with the real parser and ``modify_command_options``.
@@ -26,7 +27,8 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 
 @dataclass(frozen=True)
 class Expected:
-    """One row of the §11 table. Per-step values are (step 0, later steps)."""
+    """One reference script (``scripts/{voc,ade,cityscapesDomain}/*.sh``). Per-step values are (step 0, later
+    steps)."""
 
     dataset: str
     task: str
@@ -46,7 +48,7 @@ def pod_after(factor: float) -> dict:
 
 CITY_POD = {"pod": "local", "pod_factor": 0.0001, "pod_logits": True}
 
-# Written out from the §11 table of the reference scripts.
+# Written out from the reference's ``scripts/{voc,ade,cityscapesDomain}/*.sh``.
 # fmt: off
 EXPECTED = {
     # script: dataset, task, --name, --method, last step, batch size, epochs, lr (step 0, later steps)
@@ -85,7 +87,8 @@ EXPECTED = {
 }
 # fmt: on
 
-# What the method presets resolve to (they override the command line): §2.2.
+# What the method presets resolve to (they override the command line): reference
+# ``argparser.py`` ``modify_command_options``.
 PLOP_PRESET = {
     "lgkd": False,
     "pod": "local",

@@ -1,4 +1,5 @@
-"""IncrementalSegmentationModule and make_model (§5.4-5.7): outputs, classifiers, inits, norms, weights."""
+"""IncrementalSegmentationModule and make_model (reference ``segmentation_module.py``): outputs, classifiers,
+inits, norms, weights."""
 
 from __future__ import annotations
 
@@ -180,7 +181,7 @@ def test_init_new_classifier_balanced():
     old_fg = net.cls[0].bias[1:].clone()
     old_second = net.cls[1].weight.clone()
     net.init_new_classifier("cpu")
-    # N = 4 new classes: bias = b_bg - ln(5) for the new classes AND the old background (Q7).
+    # N = 4 new classes: bias = b_bg - ln(5) for the new classes AND the old background (RN-07).
     expected = b_bg - math.log(5)
     assert torch.equal(net.cls[2].weight, w_bg.expand(4, 4, 1, 1))
     torch.testing.assert_close(net.cls[2].bias, torch.full((4,), expected))
@@ -217,7 +218,7 @@ def test_cosine_classifier_normalises_weights_only():
     x = torch.randn(1, 4, 2, 2) * 5
     logits = net(x)[0]
     weight = torch.cat([c.weight for c in net.cls])[..., 0, 0]
-    # Q22: features are not normalised, there is no bias and the scalar is not applied here.
+    # RN-22: features are not normalised, there is no bias and the scalar is not applied here.
     expected = torch.einsum("bchw,kc->bkhw", x, F.normalize(weight, dim=1))
     torch.testing.assert_close(logits, expected)
 
@@ -293,7 +294,7 @@ def test_fix_bn():
     norms = [m for m in net.modules() if is_norm_layer(m)]
     assert all(not m.training and not m.weight.requires_grad and not m.bias.requires_grad for m in norms)
     assert all(c.weight.requires_grad for c in net.cls)
-    net.train()  # Reference behaviour (Q19): train() puts them back in training mode, weights stay frozen
+    net.train()  # Reference behaviour (RN-19): train() puts them back in training mode, weights stay frozen
     assert all(m.training and not m.weight.requires_grad for m in norms)
 
 

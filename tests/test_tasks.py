@@ -1,4 +1,4 @@
-"""Task tables (§3): every split of every dataset, helper functions and error messages."""
+"""Task tables (reference ``tasks.py``): every split of every dataset, helper functions and error messages."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from utils.errors import TaskError
 # cityscapes_domain: 21 cities; s3dis / scannet: background 0 and 13 / 20 classes.
 NUM_LABELS = {"voc": 21, "ade": 151, "cityscapes_domain": 21, "s3dis": 14, "scannet": 21}
 
-# Steps per task and labels per step, written out from §3.1.
+# Steps per task and labels per step, written out from the reference's ``tasks.py``.
 EXPECTED_PER_STEP = {
     ("voc", "offline"): [21],
     ("voc", "19-1"): [20, 1],

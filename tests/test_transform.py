@@ -1,4 +1,5 @@
-"""Paired transforms (§4.6): geometry shared by image and label, nearest labels, torchvision arithmetic."""
+"""Paired transforms (reference ``dataset/transform.py``): geometry shared by image and label, nearest labels,
+torchvision arithmetic."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def _label_and_image(w: int = 40, h: int = 30, seed: int = 0) -> tuple[Image.Ima
 
 
 def _reference_params(width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
-    """Hand re-derivation of the reference RandomResizedCrop sampling (§4.6)."""
+    """Hand re-derivation of the reference RandomResizedCrop sampling (``RandomResizedCrop.get_params``)."""
     area = width * height
     for _attempt in range(10):
         target = random.uniform(scale[0], scale[1]) * area
@@ -58,7 +59,7 @@ def test_random_resized_crop_params_match_reference_formula(size):
         top, left, h, w = got
         assert 0 <= top <= size[1] - h and 0 <= left <= size[0] - w
         fallbacks += (top, left, h, w) == ((size[1] - h) // 2, (size[0] - w) // 2, h, w)
-    # Q11: about two thirds of the draws cannot fit, so the fallback is common.
+    # RN-11: about two thirds of the draws cannot fit, so the fallback is common.
     assert fallbacks > 0
 
 

@@ -1,4 +1,6 @@
-"""Run logger (§10.1): the Python logger ``LGKD`` plus TensorBoard summaries, both on rank 0 only.
+"""Run logger: the Python logger ``LGKD`` plus TensorBoard summaries, both on rank 0 only.
+
+Reference: ``utils/logger.py`` ``Logger``.
 
 Text goes through :mod:`logging`: the logger ``LGKD`` (level DEBUG, no propagation) gets a coloured
 console handler and a plain file handler appending to ``{logdir}/log.txt``. Modules log through child
@@ -212,8 +214,9 @@ class Logger:
         """Log per-class results as an HTML table, one row per key (e.g. "T-IoU", "T-Acc").
 
         The tag becomes ``{tag}/{step}``, followed by ``(epoch {best_epoch})`` when given, i.e. the
-        reference's ``Results/{step}(epoch {best_epoch})`` (§10.1). A tag that already carries the step
-        segment (``f"Results/{step}(epoch {best_epoch})"`` built by the caller) is used as it is.
+        reference's ``Results/{step}(epoch {best_epoch})`` (``Logger.add_results``). A tag that already
+        carries the step segment (``f"Results/{step}(epoch {best_epoch})"`` built by the caller) is used as it
+        is.
         """
         if self.writer is None:
             return

@@ -1,4 +1,4 @@
-"""Per-pixel classification criteria and output-distillation losses (spec §8.4, §8.6).
+"""Per-pixel classification criteria and output-distillation losses.
 
 Class names, constructor arguments and call signatures are those of the reference ``utils/loss.py`` so that
 code written against it keeps working. Every loss computes in fp32 whatever the input dtype (the logits may
@@ -75,11 +75,12 @@ def _one_hot_ignore(targets: Tensor, num_classes: int, ignore_index: int, dtype:
 
 
 def entropy(probabilities: Tensor) -> Tensor:
-    """Normalised entropy of a probability map, as used by PLOP's pseudo-labelling (spec §8.5).
+    """Normalised entropy of a probability map, as used by PLOP's pseudo-labelling (reference
+    ``train.py`` ``entropy``).
 
     ``E(P) = -(1 / ln(C + 1e-8)) * mean_c [P_c * ln(P_c + 1e-8)]`` over the channel axis.
 
-    Reference behaviour (§8.5 / Q5): the channel MEAN (not the sum) is taken, so ``E`` lies in ``[0, 1/C]``
+    Reference behaviour (RN-05): the channel MEAN (not the sum) is taken, so ``E`` lies in ``[0, 1/C]``
     instead of ``[0, 1]``; PLOP's thresholds were tuned on this scale.
 
     Args:
@@ -94,7 +95,7 @@ def entropy(probabilities: Tensor) -> Tensor:
 
 
 class UnbiasedCrossEntropy(nn.Module):
-    """MiB unbiased cross-entropy (Cermelli et al., CVPR 2020, Eq. 4-5; spec §8.4).
+    """MiB unbiased cross-entropy (Cermelli et al., CVPR 2020, Eq. 4-5).
 
     The background probability absorbs every class the current step does not label::
 
@@ -137,7 +138,7 @@ class UnbiasedCrossEntropy(nn.Module):
 
 
 class KnowledgeDistillationLoss(nn.Module):
-    """LwF-style output distillation (Li & Hoiem, ECCV 2016; spec §8.6 "KD").
+    """LwF-style output distillation (Li & Hoiem, ECCV 2016).
 
     With ``q = softmax(alpha * z_old)`` and ``l = log_softmax(z[:, :C_old])``::
 
@@ -174,7 +175,7 @@ class KnowledgeDistillationLoss(nn.Module):
         if self.kd_cil_weights:
             # 1 + entropy of the old prediction, (B, H, W).
             weights = 1.0 - (torch.softmax(targets, dim=1) * torch.log_softmax(targets, dim=1)).sum(dim=1)
-            # Reference behaviour (docs/reference-notes.md#rn-42): (B, 1, H, W) * (B, H, W) -> (B, B, H, W).
+            # Reference behaviour (RN-42): (B, 1, H, W) * (B, H, W) -> (B, B, H, W).
             loss = loss * weights[:, None]
         if mask is not None:
             loss = loss * mask.to(loss.dtype)
@@ -182,7 +183,7 @@ class KnowledgeDistillationLoss(nn.Module):
 
 
 class UnbiasedKnowledgeDistillationLoss(nn.Module):
-    """MiB unbiased distillation (Cermelli et al., CVPR 2020, Eq. 6-7; spec §8.6 "Unbiased KD").
+    """MiB unbiased distillation (Cermelli et al., CVPR 2020, Eq. 6-7).
 
     With ``q = softmax(alpha * z_old)`` and ``LSE`` over all ``C_new`` channels::
 
@@ -218,7 +219,7 @@ class UnbiasedKnowledgeDistillationLoss(nn.Module):
 
 
 class LabelGuidedKnowledgeDistillationLoss(nn.Module):
-    """Label-guided knowledge distillation (LGKD; Yang et al., ICCV 2023; spec §8.6 "LGKD").
+    """Label-guided knowledge distillation (LGKD; Yang et al., ICCV 2023).
 
     The ground truth ``T`` splits the non-ignored pixels into *previous* pixels ``Π = {T < C_old}``
     (background, including old classes turned into background by data masking) and *novel* pixels
@@ -236,8 +237,8 @@ class LabelGuidedKnowledgeDistillationLoss(nn.Module):
     novel_kd): every previous pixel first, then every novel pixel, each group in (b, h, w) order, so that
     its mean is the "mean" reduction. :meth:`loss_map` gives the same values as a (B, H, W) map (0 on
     ignored pixels). If no pixel is left, "mean" returns a zero that keeps the graph (the reference
-    returns NaN, Q14). A batch with a single novel pixel is computed like any other; the reference's
-    in-place assignment fails there under current PyTorch (docs/reference-notes.md#rn-38).
+    returns NaN, RN-14). A batch with a single novel pixel is computed like any other; the reference's
+    in-place assignment fails there under current PyTorch (RN-38).
 
     Args:
         reduction: "mean", "sum" or "none".
@@ -267,7 +268,7 @@ class LabelGuidedKnowledgeDistillationLoss(nn.Module):
         if self.reduction == "sum":
             return loss.sum()
         if self.reduction == "mean":
-            # |Π| + |Ν|, clamped so that an all-ignored batch gives a graph-keeping 0 (reference: NaN, Q14).
+            # |Π| + |Ν|, clamped so that an all-ignored batch gives a graph-keeping 0 (reference: NaN, RN-14).
             return loss.sum() / (previous | novel).sum().clamp(min=1)
         raise ValueError(f"Unknown reduction {self.reduction!r}: expected 'mean', 'sum' or 'none'.")
 
@@ -306,7 +307,8 @@ class LabelGuidedKnowledgeDistillationLoss(nn.Module):
 
 
 class BCEWithLogitsLossWithIgnoreIndex(nn.Module):
-    """Binary cross-entropy on one-hot targets, for ``--bce`` and LwF-MC (spec §8.4).
+    """Binary cross-entropy on one-hot targets, for ``--bce`` and LwF-MC (reference class of the same
+    name).
 
     Per pixel ``sum_c BCEWithLogits(z_c, t_c)`` with ``t`` the one-hot label over the ``C_new`` channels.
 
@@ -336,7 +338,7 @@ class BCEWithLogitsLossWithIgnoreIndex(nn.Module):
 
 class IcarlLoss(nn.Module):
     """iCaRL-style BCE whose old-class targets are the old model's sigmoids (Rebuffi et al., CVPR 2017;
-    used by ``--icarl_disjoint``, spec §8.4).
+    used by ``--icarl_disjoint``; reference class of the same name).
 
     One-hot targets over ``C_new`` channels whose first ``C_old`` channels (channels ``1..C_old-1`` with
     ``bkg=True``) are replaced by ``sigmoid(z_old)``; per pixel the BCE is summed over channels.
@@ -400,7 +402,8 @@ def _cross_entropy_and_focal(
 
 
 class FocalLossNew(nn.Module):
-    """Focal loss on pixels labelled ``>= index`` (the new classes), plain CE elsewhere (spec §8.4).
+    """Focal loss on pixels labelled ``>= index`` (the new classes), plain CE elsewhere (reference class of
+    the same name).
 
     Args:
         alpha: scale of the focal part.
@@ -433,11 +436,11 @@ class FocalLossNew(nn.Module):
 
 
 class NCA(nn.Module):
-    """NCA criterion on cosine-classifier similarities (PLOP's ``--nca``; spec §8.1).
+    """NCA criterion on cosine-classifier similarities (PLOP's ``--nca``; reference ``nca`` and ``NCA``).
 
     ``loss = CE(scale * (z - margin), y)``.
 
-    Reference behaviour (Q22): the margin is subtracted from *every* class rather than from the target
+    Reference behaviour (RN-22): the margin is subtracted from *every* class rather than from the target
     only, so (softmax being shift-invariant) it has no effect; kept as is.
 
     Args:
@@ -464,15 +467,15 @@ class NCA(nn.Module):
 
     def forward(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """Args: inputs (B, C, H, W) similarities; targets (B, H, W) labels."""
-        # Reference behaviour (Q22): margin subtracted from every class.
+        # Reference behaviour (RN-22): margin subtracted from every class.
         logits = self.scale * (upcast_fp32(inputs) - self.margin)
         return F.cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction=self.reduction)
 
 
 class UnbiasedNCA(nn.Module):
-    """NCA with MiB's unbiased background (spec §8.1): ``UNCE(scale * (z - margin), y)``.
+    """NCA with MiB's unbiased background (reference ``UnbiasedNCA``): ``UNCE(scale * (z - margin), y)``.
 
-    Reference behaviour (Q22): the margin is subtracted from every class (no effect on the softmax).
+    Reference behaviour (RN-22): the margin is subtracted from every class (no effect on the softmax).
 
     Args:
         old_cl: number of previous-step classes.
@@ -501,7 +504,7 @@ class UnbiasedNCA(nn.Module):
 
 
 class BCESigmoid(nn.Module):
-    """Sigmoid-BCE output distillation (``--kd_bce_sig``; spec §8.6).
+    """Sigmoid-BCE output distillation (``--kd_bce_sig``; reference class of the same name).
 
     ``BCE(sigmoid(alpha * z'), sigmoid(alpha * z_old))`` elementwise, where ``z'`` keeps the first ``C_old``
     channels ("trim") or, with "sum", has channel 0 *replaced* (not incremented) by the sum of the new
@@ -527,7 +530,8 @@ class BCESigmoid(nn.Module):
         inputs, targets = upcast_fp32(inputs), upcast_fp32(targets)
         old_cl = targets.shape[1]
         if self.shape == "sum":
-            # Reference behaviour (§8.6): channel 0 is overwritten by the new channels' sum, not added to.
+            # Reference behaviour (``BCESigmoid.forward``, RN-40): channel 0 is overwritten by the new
+            # channels' sum, not added to.
             inputs = torch.cat([inputs[:, old_cl:].sum(dim=1, keepdim=True), inputs[:, 1:old_cl]], dim=1)
         else:
             inputs = inputs[:, :old_cl]
@@ -548,14 +552,15 @@ def soft_crossentropy(
     pseudo_soft: str,
     pseudo_soft_factor: float = 1.0,
 ) -> Tensor:
-    """Soft pseudo-label cross-entropy of PLOP's ``--pseudo_soft`` (spec §8.4).
+    """Soft pseudo-label cross-entropy of PLOP's ``--pseudo_soft`` (reference
+    ``soft_crossentropy``).
 
     Certain pixels get ``CE(z, y)``; uncertain pixels get
     ``sum_c ln softmax(z_old)_c * softmax(z[:, :C_old])_c`` scaled by ``pseudo_soft_factor``. Certain
     pixels are the non-background ones ("soft_certain"), plus the confident background ones
     ("soft_uncertain").
 
-    Reference behaviour (Q20): the uncertain term has a positive sign, so minimising the loss *maximises*
+    Reference behaviour (RN-20): the uncertain term has a positive sign, so minimising the loss *maximises*
     the cross-entropy between the old and new distributions.
 
     Args:

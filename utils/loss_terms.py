@@ -1,10 +1,13 @@
-"""The training objective as a dictionary of loss terms (spec §8.1, §8.3-§8.8, §8.11; style.md 4.2).
+"""The training objective as a dictionary of loss terms, one per method component.
+
+The reference computes them inline in ``train.py`` (``Trainer.__init__``, ``Trainer.train``,
+``Trainer.validate``); the README's "Methods and adding a new one" says how a method is added here.
 
 Each method component is a small :class:`LossTerm` that reads a :class:`StepBatch` and returns its weighted
 scalar; the Trainer does ``losses = {name: term(batch) for name, term in terms.items()}``, sums them,
 backpropagates and logs the dict (``REFERENCE_LOG_NAMES`` maps the keys to the reference's log labels).
 :meth:`LossTerm.validation_loss` gives the reference's validation variant of the same term (unweighted,
-§8.11), or None where validation does not compute it.
+as in ``Trainer.validate``), or None where validation does not compute it.
 
 Only the ``from_opts`` classmethods and the module-level builders read ``opts``; the term classes take
 explicit arguments so that tests (and other tools) can build them directly.
@@ -91,7 +94,7 @@ REFERENCE_LOG_NAMES = {
 
 @dataclass(frozen=True)
 class StepInfo:
-    """Class bookkeeping of one incremental step (spec §8.1).
+    """Class bookkeeping of one incremental step (reference ``Trainer.__init__``).
 
     Attributes:
         step: the step index.
@@ -206,7 +209,8 @@ def _require(value: Any, what: str, term: str) -> Any:
 
 
 def build_criterion(opts: argparse.Namespace, info: StepInfo, model: nn.Module | None = None) -> nn.Module:
-    """The per-pixel criterion of §8.1 (reduction "none", ignore index 255), first match wins.
+    """The per-pixel criterion of the reference's ``Trainer.__init__`` (reduction "none", ignore index 255),
+    first match wins.
 
     ``bce``/``icarl`` -> BCE with ignore; ``unce`` with ``C_old != 0`` -> unbiased CE; ``nca`` with
     ``C_old != 0`` -> unbiased NCA; ``nca`` -> NCA; ``focal_loss`` -> focal; ``focal_loss_new`` -> focal on
@@ -235,7 +239,7 @@ def build_criterion(opts: argparse.Namespace, info: StepInfo, model: nn.Module |
 
 
 class ClassificationTerm(LossTerm):
-    """The classification loss ``"ce"`` (spec §8.3 step 5, §8.4; MiB Eq. 4-5, PLOP Eq. 5).
+    """The classification loss ``"ce"`` (reference ``Trainer.train``; MiB Eq. 4-5, PLOP Eq. 5).
 
     Per pixel, the first that applies: soft pseudo-label CE (``pseudo_soft``); ``IcarlLoss`` against the old
     sigmoids (``icarl_disjoint``); ``criterion(original labels, with confident pseudo-labelled pixels
@@ -243,7 +247,7 @@ class ClassificationTerm(LossTerm):
     (``ce_on_new``); ``criterion(labels)``. Then multiplied by the per-pixel sample weights, by the per-image
     ``classif_adaptive_factor`` and averaged over all B·H·W pixels.
 
-    Reference behaviour (§8.3 / Q4): the average includes the ignored pixels (which contribute 0).
+    Reference behaviour (RN-04): the average includes the ignored pixels (which contribute 0).
 
     Args:
         criterion: per-pixel criterion (reduction "none"), see :func:`build_criterion`.
@@ -337,17 +341,18 @@ class ClassificationTerm(LossTerm):
         loss = self.per_pixel_loss(batch)
         sample_weights = batch.pseudo.sample_weights if batch.pseudo is not None else None
         if self.sample_weights_new is not None:
-            # Reference behaviour (Q18): the weight was meant for new-class pixels, but its selection
+            # Reference behaviour (RN-18): the weight was meant for new-class pixels, but its selection
             # (label >= 0) is every pixel.
             sample_weights = torch.full_like(batch.original_labels, self.sample_weights_new, dtype=loss.dtype)
         if sample_weights is not None:
             loss = loss * sample_weights
         factor = batch.pseudo.classif_adaptive_factor if batch.pseudo is not None else 1.0
-        # Reference behaviour (§8.3 / Q4): mean over all B*H*W pixels, ignored ones included.
+        # Reference behaviour (RN-04): mean over all B*H*W pixels, ignored ones included.
         return (factor * loss).mean()
 
     def validation_loss(self, batch: StepBatch) -> Tensor:
-        """Mean of the criterion over all pixels; no pseudo-labels, weights or adaptive factor (§8.11)."""
+        """Mean of the criterion over all pixels; no pseudo-labels, weights or adaptive factor
+        (reference ``Trainer.validate``)."""
         outputs = upcast_fp32(batch.outputs)
         if self.icarl_loss is not None and batch.outputs_old is not None:
             old_probs = torch.sigmoid(upcast_fp32(batch.outputs_old))
@@ -361,9 +366,10 @@ class ClassificationTerm(LossTerm):
 def downsample_labels(labels: Tensor, output_stride: int, size: tuple[int, ...] | torch.Size) -> Tensor:
     """Labels at the small-logit resolution for LGKD: nearest ``F.interpolate(scale_factor=1/output_stride)``.
 
-    At output stride 16 this picks ``label[16i, 16j]`` (spec §8.6). The reference always used 1/16, which
-    broke output stride 8 (Q13); here the stride is the model's. When the input size is not a multiple of
-    the stride, the labels are resized to the logits' ``size`` instead (the reference crashed).
+    At output stride 16 this picks ``label[16i, 16j]`` (reference ``Trainer.train``, LGKD branch). The
+    reference always used 1/16, which broke output stride 8 (RN-13); here the stride is the model's. When the
+    input size is not a multiple of the stride, the labels are resized to the logits' ``size`` instead (the
+    reference crashed).
 
     Labels that already have the logits' size are returned as they are, whatever ``output_stride``: this is
     the point-cloud case, where the model gives one logit vector per point (``sem_logits_small`` is the
@@ -388,12 +394,13 @@ def downsample_labels(labels: Tensor, output_stride: int, size: tuple[int, ...] 
 
 
 class OutputKDTerm(LossTerm):
-    """Output distillation ``"kd"``: KD (LwF), unbiased KD (MiB), LGKD or sigmoid-BCE KD (spec §8.6).
+    """Output distillation ``"kd"``: KD (LwF), unbiased KD (MiB), LGKD or sigmoid-BCE KD (reference
+    ``Trainer.__init__``, ``Trainer.train``).
 
     Training: ``loss_kd * mean(loss)`` (times ``sqrt(C_new / N_new)`` with ``--kd_scheduling``). LGKD runs on
     the small pre-upsampling logits ``features["sem_logits_small"]`` with the original labels downsampled
     by the output stride; the others on the full-resolution logits. Validation: the unweighted loss, LGKD on
-    the full-resolution logits and labels (§8.11, style.md 4.12).
+    the full-resolution logits and labels (reference ``Trainer.validate``, RN-28).
 
     Point clouds: the per-point logits are the model's only resolution (``sem_logits_small`` is the output
     itself), so LGKD distils every point with its own label (:func:`downsample_labels` leaves labels of the
@@ -427,7 +434,7 @@ class OutputKDTerm(LossTerm):
     @classmethod
     def from_opts(cls, opts: argparse.Namespace, info: StepInfo, output_stride: int) -> OutputKDTerm:
         """First match: ``unkd`` -> unbiased KD; ``lgkd`` -> LGKD; ``kd_bce_sig`` -> sigmoid BCE; ``exkd_*``
-        refused (Q16); otherwise KD."""
+        refused (RN-16); otherwise KD."""
         label_guided = False
         if opts.unkd:
             loss: nn.Module = UnbiasedKnowledgeDistillationLoss(reduction="none", alpha=opts.alpha)
@@ -440,7 +447,10 @@ class OutputKDTerm(LossTerm):
         elif opts.kd_bce_sig:
             loss = BCESigmoid(reduction="mean", alpha=opts.alpha, shape=opts.kd_bce_sig_shape)
         elif (opts.exkd_gt or opts.exkd_sum) and info.old_classes > 0:
-            raise OptionsError("--exkd_gt/--exkd_sum crash in the reference (Q16) and are not supported.")
+            raise OptionsError(
+                "--exkd_gt/--exkd_sum crash in the reference (docs/reference-notes.md RN-16) and are not "
+                "supported."
+            )
         else:
             loss = KnowledgeDistillationLoss(reduction="mean", alpha=opts.alpha)
         schedule = math.sqrt(info.current_classes / info.new_classes) if opts.kd_scheduling else 1.0
@@ -459,14 +469,14 @@ class OutputKDTerm(LossTerm):
     def validation_loss(self, batch: StepBatch) -> Tensor | None:
         if batch.outputs_old is None:
             return None
-        # Reference behaviour (§8.11 / Q28): unweighted; LGKD on full-resolution logits and labels.
+        # Reference behaviour (RN-28): unweighted; LGKD on full-resolution logits and labels.
         if self.label_guided:
             return self.loss(batch.outputs, batch.outputs_old, batch.labels).mean()
         return self.loss(batch.outputs, batch.outputs_old).mean()
 
 
 class EncoderKDTerm(LossTerm):
-    """ILT encoder distillation ``"de"`` (Michieli & Zanuttigh, ICCVW 2019; spec §8.6).
+    """ILT encoder distillation ``"de"`` (Michieli & Zanuttigh, ICCVW 2019).
 
     ``loss_de * MSE(features["body"], features_old["body"])`` over all elements of the backbone output.
 
@@ -490,11 +500,12 @@ class EncoderKDTerm(LossTerm):
     def validation_loss(self, batch: StepBatch) -> Tensor | None:
         if batch.features_old is None:
             return None
-        return self._mse(batch)  # Reference behaviour (Q28): unweighted
+        return self._mse(batch)  # Reference behaviour (RN-28): unweighted
 
 
 class ICaRLTerm(LossTerm):
-    """LwF-MC / iCaRL distillation ``"icarl"`` (Rebuffi et al., CVPR 2017; spec §8.6 "iCaRL combined").
+    """LwF-MC / iCaRL distillation ``"icarl"`` (Rebuffi et al., CVPR 2017; reference
+    ``Trainer.train`` ``icarl_combined``).
 
     ``icarl_importance * C_old * BCEWithLogits_mean(z[:, :C_old], sigmoid(z_old))``: the mean over
     B·C_old·H·W times ``C_old`` sums over the classes.
@@ -526,7 +537,7 @@ class ICaRLTerm(LossTerm):
 
 
 class PODTerm(LossTerm):
-    """PLOP's Local POD ``"pod"`` (Douillard et al., CVPR 2021, Eq. 1-3; spec §8.7).
+    """PLOP's Local POD ``"pod"`` (Douillard et al., CVPR 2021, Eq. 1-3).
 
     Distils the old model's ``attentions`` (4 backbone stages + head output), plus the small logits with
     ``--pod_logits`` or else the full-resolution logits with ``--pod_large_logits``, using
@@ -569,7 +580,8 @@ class PODTerm(LossTerm):
         PODOptions.parse(pod_options)  # refuse a malformed dictionary before training starts
         if opts.pod_prepro not in PREPRO_TYPES:
             raise OptionsError(
-                f"--pod_prepro {opts.pod_prepro!r} is not supported (abs crashes in the reference, Q21); "
+                f"--pod_prepro {opts.pod_prepro!r} is not supported (abs crashes in the reference, "
+                "docs/reference-notes.md RN-21); "
                 f"choose one of {PREPRO_TYPES}."
             )
         return cls(
@@ -615,13 +627,14 @@ class PODTerm(LossTerm):
 
 
 class EntropyMinTerm(LossTerm):
-    """Entropy minimisation ``"entmin"`` on pixels not labelled with a class (spec §8.6).
+    """Entropy minimisation ``"entmin"`` on pixels not labelled with a class (reference
+    ``Trainer.train``, ``entropy_min`` branch).
 
-    ``mean_b( sum_{labels == 0} E(softmax(z)) / |labels == 0| )`` with ``E`` the entropy of §8.5
-    (after pseudo-labelling; 255 counts as labelled). An image without such pixels contributes 0 (the
-    reference divided by zero).
+    ``mean_b( sum_{labels == 0} E(softmax(z)) / |labels == 0| )`` with ``E`` the entropy of
+    :func:`utils.loss.entropy` (after pseudo-labelling; 255 counts as labelled). An image without such
+    pixels contributes 0 (the reference divided by zero).
 
-    Reference behaviour (Q17): the ``--entropy_min`` value only switches the term on; its weight is 1.
+    Reference behaviour (RN-17): the ``--entropy_min`` value only switches the term on; its weight is 1.
     """
 
     name = "entmin"
@@ -667,7 +680,7 @@ def build_loss_terms(
 
 
 def needs_old_outputs(opts: argparse.Namespace, info: StepInfo, validation: bool = False) -> bool:
-    """Whether the old model must run on the batch (spec §8.3 step 2, §8.11).
+    """Whether the old model must run on the batch (reference ``Trainer.train``, ``Trainer.validate``).
 
     Training: any of ILT (``loss_de``), KD (``loss_kd``), iCaRL distillation, POD or pseudo-labelling at
     step > 0 with an old model. Validation: ILT, KD or iCaRL distillation.
@@ -683,7 +696,7 @@ def needs_old_outputs(opts: argparse.Namespace, info: StepInfo, validation: bool
 def needs_intermediate(opts: argparse.Namespace) -> bool:
     """Whether the models must return their intermediate features (``ret_intermediate``).
 
-    The reference asked for them for ``loss_de`` or POD only, so ``--lgkd`` without POD crashed (Q14);
+    The reference asked for them for ``loss_de`` or POD only, so ``--lgkd`` without POD crashed (RN-14);
     LGKD with ``loss_kd > 0`` also needs the small logits.
     """
     return bool(opts.loss_de) or opts.pod is not None or (bool(opts.lgkd) and opts.loss_kd > 0)

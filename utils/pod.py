@@ -1,4 +1,5 @@
-"""POD feature distillation of PLOP, as used by PLOP and LGKD (spec §8.7).
+"""POD feature distillation of PLOP, as used by PLOP and LGKD (reference ``train.py``
+``features_distillation``).
 
 PLOP (Douillard et al., CVPR 2021) distils the *pooled* features of every stage of the old model into the
 new one: each (pre-processed) map is summarised by width- and height-pooled vectors over a pyramid of
@@ -93,10 +94,10 @@ class PODOptions:
 class _LayerSettings:
     """Settings of the layer being processed.
 
-    Reference behaviour (§8.7): the reference kept these as local variables of its layer loop, so a value
-    assigned for one layer (by a ``switch`` section or by the masked-POD factor) persists to the following
-    layers unless reassigned; only ``extra_channels``, ``use_adaptive_factor`` and ``normalize_per_scale``
-    were reset at every layer.
+    Reference behaviour (``features_distillation``): the reference kept these as local variables of its layer
+    loop, so a value assigned for one layer (by a ``switch`` section or by the masked-POD factor) persists to
+    the following layers unless reassigned; only ``extra_channels``, ``use_adaptive_factor`` and
+    ``normalize_per_scale`` were reset at every layer.
     """
 
     collapse: str
@@ -135,8 +136,9 @@ def _scale_divisor(normalize_per_scale: bool | str, scale: int, scale_index: int
     if normalize_per_scale is True:
         return float(scale**2)
     if normalize_per_scale == "spm":
-        # Reference behaviour (§8.7): 2^(S-1) for the first scale and 2^(S-index) for the others. (The
-        # reference's masked variant crashed here on an undefined variable, Q21; both variants work here.)
+        # Reference behaviour (``_local_pod``): 2^(S-1) for the first scale and 2^(S-index) for the others.
+        # (The reference's masked variant crashed here on an undefined variable, RN-21; both variants work
+        # here.)
         return float(2 ** (nb_scales - 1) if scale_index == 0 else 2 ** (nb_scales - scale_index))
     return 1.0
 
@@ -168,7 +170,7 @@ def _local_pooling(x: Tensor, spp_scales: Sequence[int], normalize_per_scale: bo
     height, width = x.shape[-2:]
     embedding = []
     for scale_index, scale in enumerate(spp_scales):
-        # Reference behaviour (Q10): the region side comes from the width and is used for both axes
+        # Reference behaviour (RN-10): the region side comes from the width and is used for both axes
         # (square maps assumed).
         k = width // scale
         pooling = _local_pooling_grid if k > 0 and height >= scale * k else _local_pooling_regions
@@ -195,7 +197,7 @@ def pod_embedding(
     normalize_per_scale: bool | str = False,
     mask: Tensor | None = None,
 ) -> Tensor:
-    """Pooled summary of a feature map (PLOP Eq. 1-2; spec §8.7 step 3).
+    """Pooled summary of a feature map (PLOP Eq. 1-2; reference ``_local_pod``, ``_global_pod``).
 
     * ``spatial``: sums over the width (C·H values) then sums over the height (C·W values).
     * ``local``: for each scale ``s``, regions of side ``k = W // s`` in row-major order; for each region
@@ -226,7 +228,8 @@ def pod_embedding(
 
 
 def pod_distance(a: Tensor, b: Tensor, kind: str = "frobenius", mix_new_old: float | None = None) -> Tensor:
-    """Distance between old (``a``) and new (``b``) embeddings, per sample (spec §8.7 step 4).
+    """Distance between old (``a``) and new (``b``) embeddings, per sample (reference
+    ``features_distillation``, ``difference_function``).
 
     Args:
         a: (B, D) old embedding.
@@ -239,7 +242,7 @@ def pod_distance(a: Tensor, b: Tensor, kind: str = "frobenius", mix_new_old: flo
         (B,) distances (a scalar for "frobenius_mix", see below).
     """
     if kind == "frobenius":
-        # torch.frobenius_norm is gone (Q10): the same value as an L2 vector norm over the last axis.
+        # torch.frobenius_norm is gone (RN-10): the same value as an L2 vector norm over the last axis.
         return torch.linalg.vector_norm(a - b, ord=2, dim=-1)
     if kind == "l1":
         return torch.linalg.vector_norm(a - b, ord=1, dim=-1)
@@ -254,8 +257,9 @@ def pod_distance(a: Tensor, b: Tensor, kind: str = "frobenius", mix_new_old: flo
             raise OptionsError(
                 "--pod_options: difference_function 'frobenius_mix' needs switch.after.mix_new_old."
             )
-        # Reference behaviour (§8.7): entries 0 and 1 of the embeddings are mixed (it expected a pair of
-        # embeddings; with a batched embedding these are the first two samples).
+        # Reference behaviour (``features_distillation``, ``frobenius_mix``): entries 0 and 1 of the
+        # embeddings are mixed (it expected a pair of embeddings; with a batched embedding these are the first
+        # two samples).
         old = torch.linalg.vector_norm(a[0] - b[0], ord=2, dim=-1)
         new = torch.linalg.vector_norm(a[1] - b[1], ord=2, dim=-1)
         return mix_new_old * old + (1 - mix_new_old) * new
@@ -271,7 +275,8 @@ def _prepro(x: Tensor, prepro: str) -> Tensor:
         return x
     if prepro == "abs":
         raise OptionsError(
-            "--pod_prepro abs crashes in the reference (Q21) and is refused; use pow, none or relu."
+            "--pod_prepro abs crashes in the reference (docs/reference-notes.md RN-21) and is refused; "
+            "use pow, none or relu."
         )
     raise OptionsError(f"Unknown --pod_prepro {prepro!r}; choose one of {PREPRO_TYPES}.")
 
@@ -300,7 +305,8 @@ def _expand_old_probabilities(a: Tensor, b: Tensor, labels: Tensor) -> tuple[Ten
 def _handle_extra_channels(
     a: Tensor, b: Tensor, mode: str, index_new_class: int | None, labels: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """Make the new map (C_new channels) comparable with the old one (C_old channels) (§8.7 step 1)."""
+    """Make the new map (C_new channels) comparable with the old one (C_old channels) (reference
+    ``features_distillation``, ``handle_extra_channels``)."""
     old_cl = a.shape[1] if index_new_class is None else index_new_class
     if mode == "sum":
         # Raw logits of the new classes are added to the background logit (not probabilities).
@@ -369,7 +375,7 @@ def features_distillation(
     nb_current_classes: int = -1,
     nb_new_classes: int = -1,
 ) -> Tensor:
-    """POD distillation loss over a list of layers (PLOP Eq. 3; spec §8.7).
+    """POD distillation loss over a list of layers (PLOP Eq. 3; reference ``features_distillation``).
 
     For each layer ``i`` (old map ``a``, new map ``b``; gradients flow through ``b`` only): extra channels
     of the last layer are folded (``sum``/``trim``/``expand``), both maps pre-processed (``pow``: squared),
@@ -389,10 +395,10 @@ def features_distillation(
             ``norm`` key can still turn on L2 normalisation of the embeddings).
         labels: (B, H, W) ground truth (the reference passes the original, not pseudo-labelled, labels).
         index_new_class: ``C_old``.
-        pod_apply: accepted and unused, as in the reference (Q25).
+        pod_apply: accepted and unused, as in the reference (RN-25).
         pod_deeplab_mask: masked local POD on the last layer (or all layers with ``mask_position="all"``).
         pod_deeplab_mask_factor: factor of masked layers (default ``pod_factor``; 0 skips them).
-        interpolate_last: accepted and unused, as in the reference (Q25).
+        interpolate_last: accepted and unused, as in the reference (RN-25).
         pod_factor: factor of the layers (overridable by ``pod_options``).
         prepro: "pow", "none" or "relu" ("abs" crashes in the reference and is refused).
         deeplabmask_upscale: masked POD upsamples the top-k features to the label size (else the mask is
@@ -412,7 +418,8 @@ def features_distillation(
     options = PODOptions.parse(pod_options)
     if pod_deeplab_mask_factor is None:
         pod_deeplab_mask_factor = pod_factor
-    # Reference behaviour (§8.7): the ``normalize`` argument is overwritten with False on the first line.
+    # Reference behaviour (``features_distillation``): the ``normalize`` argument is overwritten with False on
+    # the first line.
     settings = _LayerSettings(
         collapse=collapse_channels,
         factor=pod_factor,

@@ -1,4 +1,6 @@
-"""PLOP pseudo-labelling of the background with the old model (spec §8.2, §8.5).
+"""PLOP pseudo-labelling of the background with the old model.
+
+Reference: ``train.py`` ``Trainer.find_median`` and the ``pseudo`` branches of ``Trainer.train``.
 
 At step t > 0 the pixels labelled background (``label < C_old``: true background *and* old classes hidden by
 data masking) receive the old model's prediction where it is confident (PLOP, Douillard et al., CVPR 2021,
@@ -46,14 +48,15 @@ def find_median(
     nb_bins: int | None = None,
     log: logging.Logger | None = None,
 ) -> tuple[Tensor, float]:
-    """Per-class confidence thresholds from an approximate median of the old model's confidence (§8.2).
+    """Per-class confidence thresholds from an approximate median of the old model's confidence
+    (reference ``Trainer.find_median``).
 
     One pass over ``loader``: for every pixel labelled 0, the old model's predicted class ``ŷ`` and a value
     (``E(P) / ln(C_new)`` in "entropy" mode, max probability in "probability" mode) fill a histogram
     ``Hist[C_new, nb_bins]``. The per-class median is then approximated from the histogram and clamped with
     the base ``threshold``: ``max`` in entropy mode, ``min`` in probability mode.
 
-    Reference behaviour (§8.2 / Q5), reproduced exactly: the running sum of the median search adds the bin
+    Reference behaviour (RN-05), reproduced exactly: the running sum of the median search adds the bin
     *index* (``lb * nb_bins``) instead of the bin count, the bin index is ``int(i / nb_bins * nb_bins)``
     with its float error (``i - 1`` for i in {29, 57, 58} with 100 bins), the last visited bin is used if
     the search never stops, and the arithmetic is float32. Each process computes its thresholds on its own
@@ -122,11 +125,11 @@ def _approximate_medians(histogram: Tensor, nb_bins: int) -> Tensor:
         running_sum = 0.0
         for index in range(nb_bins):
             lower_border = index / nb_bins
-            # Reference behaviour (Q5): int(i / n * n) is i - 1 for some i (float error).
+            # Reference behaviour (RN-05): int(i / n * n) is i - 1 for some i (float error).
             bin_index = int(lower_border * nb_bins)
             if half >= running_sum and half <= running_sum + histogram[c, bin_index]:
                 break
-            # Reference behaviour (Q5): adds the bin index, not the bin count.
+            # Reference behaviour (RN-05): adds the bin index, not the bin count.
             running_sum += lower_border * nb_bins
         # The last visited (lower_border, bin_index) is used when the loop never breaks.
         thresholds[c] = lower_border + ((half - running_sum) / histogram[c, bin_index]) * (1 / nb_bins)
@@ -157,7 +160,8 @@ class PseudoLabels:
 
 
 class PseudoLabeler:
-    """Rewrites the background labels with the old model's predictions (spec §8.5).
+    """Rewrites the background labels with the old model's predictions (reference
+    ``Trainer.train``, ``pseudo`` branches).
 
     Modes (``--pseudo``), with ``P = softmax(z_old)``, ``(pmax, ŷ) = max_c P`` and ``M_bg = label < C_old``:
 

@@ -1,4 +1,4 @@
-"""Parameter regularisers EWC, PI and RW (spec §8.9), with the reference's interface.
+"""Parameter regularisers EWC, PI and RW, with the reference's interface (``utils/regularizer.py``).
 
 Each regulariser keeps per-parameter importance tensors keyed by parameter name. The reference named the
 parameters of the DDP-wrapped model, so every key carries the ``module.`` prefix; these classes take the
@@ -20,7 +20,7 @@ that a checkpoint goes both ways between this project and the reference:
   project's ``count`` (updates so far, which keeps the period's phase on a resume).
 
 ``load_state_dict`` reads both this layout and the reference's, and refuses (``CheckpointError``) a
-state whose tensors do not match the model's parameters (docs/reference-notes.md#rn-43).
+state whose tensors do not match the model's parameters (RN-43).
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ class EWC(Regularizer):
     def update(self) -> None:
         """``F[n] = alpha * g_n^2 + (1 - alpha) * F[n]`` for every parameter with a gradient.
 
-        The reference needed every parameter to have a gradient (Q30); parameters whose ``grad`` is None
+        The reference needed every parameter to have a gradient (RN-30); parameters whose ``grad`` is None
         (frozen, or unused in this forward) are skipped here.
         """
         for name, param in _named_parameters(self.model):

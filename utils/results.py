@@ -1,4 +1,7 @@
-"""Results CSV (§10.3): one line ``step,IoU_0,...,IoU_{K-1},MeanIoU`` per incremental step."""
+"""Results CSV: one line ``step,IoU_0,...,IoU_{K-1},MeanIoU`` per incremental step.
+
+Reference: ``run.py`` ``main`` writes the same rows.
+"""
 
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ def _check_component(label: str, value: str) -> str:
 
 
 def results_csv_path(results_dir: str | os.PathLike, date: str, dataset: str, task: str, name: str) -> Path:
-    """``{results_dir}/{date}_{dataset}_{task}_{name}.csv`` (§10.3; an empty date gives a leading ``_``).
+    """``{results_dir}/{date}_{dataset}_{task}_{name}.csv`` (reference ``run.py`` ``main``; an empty date
+    gives a leading ``_``).
 
     Raises:
         OptionsError: a component contains a path separator, NUL, is ``.``/``..`` or absolute.
@@ -115,7 +119,7 @@ def write_results_row(path: str | os.PathLike, step: int, row: Sequence[str]) ->
     a temporary file in the same folder, then ``os.replace`` swaps it in, so a crash never leaves a
     half-written CSV (temporary files of a killed writer are removed by the next writer).
 
-    Reference behaviour (§10.3): the reference appends a line per run. For the scripts' normal use (steps
+    Reference behaviour (RN-44): the reference appends a line per run. For the scripts' normal use (steps
     run in order) the file is identical; re-running a step no longer leaves a duplicate row that
     ``average_csv.py`` rejects. Lines without an integer step (none are written by this project) are kept
     at the top, in their order.

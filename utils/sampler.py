@@ -1,4 +1,4 @@
-"""Evaluation sampler that shards a dataset over ranks without padding (Q8 fixed)."""
+"""Evaluation sampler that shards a dataset over ranks without padding (RN-08, fixed)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from utils.distributed import get_rank, get_world_size
 class ShardedEvalSampler(Sampler[int]):
     """Give rank ``r`` of ``w`` the indices ``r, r + w, r + 2w, ...`` of the dataset, in order.
 
-    Reference behaviour (Q8, fixed on purpose): the reference evaluates through ``DistributedSampler``,
+    Reference behaviour (RN-08, fixed on purpose): the reference evaluates through ``DistributedSampler``,
     which pads the index list by repetition to a multiple of the world size, so a few test images are
     counted twice and the metrics depend on the number of GPUs. Here the shards are disjoint and cover
     every index exactly once, whatever the number of processes; the confusion matrix summed over ranks

@@ -1,4 +1,8 @@
-"""Learning-rate schedules (§6): polynomial decay per iteration, or step decay."""
+"""Learning-rate schedules: polynomial decay per iteration, or step decay.
+
+Reference: ``run.py`` ``run_step`` builds them (its ``utils/scheduler.py`` ``PolyLR``, or torch's
+``StepLR``).
+"""
 
 from __future__ import annotations
 
@@ -15,9 +19,9 @@ class PolyLR(LRScheduler):
 
     ``k`` is the number of ``step()`` calls so far, so the first iteration runs at the base lr and the
     lr reaches 0 after ``max_iters`` steps. ``state_dict()`` holds ``last_epoch`` (= k), ``base_lrs``,
-    ``max_iters`` and ``power``, the keys of reference checkpoints (§10.2).
+    ``max_iters`` and ``power``, the keys of reference checkpoints (``run.py`` ``save_ckpt``).
 
-    Reference behaviour (§6): same formula; ``k`` is clamped to ``max_iters`` here, so an extra step
+    Reference behaviour (RN-48): same formula; ``k`` is clamped to ``max_iters`` here, so an extra step
     (e.g. a resumed run with a shorter loader) yields lr 0 instead of a complex number from a negative
     base raised to a fractional power.
 
