@@ -39,13 +39,36 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import tasks
+from dataset.build import DATASETS as DATASET_CLASSES
+from dataset.build import POINT_CLOUD_DATASETS, check_dataset_options
+from dataset.incremental import DATA_MASKINGS
+from dataset.pointcloud_transform import XYZ_NORMS
+from models import BACKBONES, DEFAULT_KNN_CHUNK, DILATIONS, POINT_BACKBONES
+from segmentation_module import (
+    ABN_IMPLS,
+    ALIGN_TYPES,
+    MULTIMODAL_FUSIONS,
+    NORM_ACTS,
+    REFERENCE_MULTIMODAL_INITS,
+    check_model_options,
+)
 from utils.errors import OptionsError
 from utils.files import write_text_atomically
+from utils.loss import BCE_SIGMOID_SHAPES
+from utils.loss_terms import check_loss_options
+from utils.pod import COLLAPSE_TYPES, PREPRO_TYPES, check_pod_options
+from utils.pseudo_label import PSEUDO_ABLATIONS, PSEUDO_MODES, PSEUDO_SOFT_MODES, check_pseudo_mode
+from utils.regularizer import REGULARIZERS
+from utils.scheduler import LR_POLICIES
 
-IMAGE_DATASETS = ("voc", "ade", "cityscapes_domain")
-#: Point-cloud datasets (the 3DPC-CISS protocol): items are (9, N) points, the model is DGCNN.
-POINT_CLOUD_DATASETS = ("s3dis", "scannet")
-DATASETS = IMAGE_DATASETS + POINT_CLOUD_DATASETS
+# The choices of an option and the rules of its values belong to the module that uses them (the datasets,
+# the model, the losses, POD, pseudo-labelling): imported here for ``choices=`` and the help, and their
+# checks called by validate_options, so that each rule is written once.
+
+#: Every --dataset, in the order of the reference's choices (point clouds appended).
+DATASETS = tuple(DATASET_CLASSES)
+#: Image datasets; the point-cloud ones (the 3DPC-CISS protocol) have (9, N) points as items and DGCNN.
+IMAGE_DATASETS = tuple(name for name in DATASETS if name not in POINT_CLOUD_DATASETS)
 
 # Number of output classes per dataset. Reference behaviour (§2.2): "cityscapes" and
 # "cityscapes_classdomain" are known here but not selectable with --dataset. The point-cloud datasets
@@ -59,17 +82,8 @@ NUM_CLASSES: dict[str, int] = {
     "s3dis": 14,
     "scannet": 21,
 }
-IMAGE_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
-#: Same names as ``models.POINT_BACKBONES`` (this module imports no torch code).
-POINT_BACKBONES = ("dgcnn",)
-#: ``models.DEFAULT_KNN_CHUNK``: query points per kNN chunk of DGCNN's neighbour graphs.
-DEFAULT_KNN_CHUNK = 8192
-
-METHODS = ("FT", "LWF", "LWF-MC", "ILT", "EWC", "RW", "PI", "MiB", "PLOP", "LGKD")
-NORM_ACTS = ("iabn_sync", "iabn", "abn", "std", "iabn_sync_test")
-POD_PREPROS = ("pow", "none", "relu", "abs")
-MULTIMODAL_FUSIONS = ("sum", "mean", "max", "softmax")
-PSEUDO_MODES = ("naive", "confidence", "threshold_<float>", "median", "entropy")
+#: ResNet depths of the image model (``models.BACKBONES``); ``models.POINT_BACKBONES`` for point clouds.
+IMAGE_BACKBONES = tuple(BACKBONES)
 
 
 # numpy's legacy seeding (np.random.seed) takes 0 <= seed < 2**32; torch and python accept that range too.
@@ -279,6 +293,9 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
         "init_balanced": True,
     },
 }
+
+#: --method values: the methods that have a preset.
+METHODS = tuple(METHOD_PRESETS)
 
 # Dataset-dependent values layered on top of METHOD_PRESETS. Only LGKD has any: weaker POD on ADE20k.
 # The PLOP preset deliberately has none (the reference uses the VOC factors on every dataset, §11).
@@ -616,7 +633,7 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         "--lr_policy",
         type=str,
         default="poly",
-        choices=["poly", "step"],
+        choices=list(LR_POLICIES),
         help="learning-rate schedule, stepped every iteration (point-cloud datasets: step unless set)",
     )
     group.add_argument(
@@ -740,7 +757,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "chosen unless set",
     )
     group.add_argument(
-        "--output_stride", type=int, default=16, choices=[8, 16], help="backbone output stride"
+        "--output_stride", type=int, default=16, choices=sorted(DILATIONS), help="backbone output stride"
     )
     group.add_argument(
         "--no_pretrained",
@@ -761,7 +778,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--abn_impl",
         type=str,
         default="torch",
-        choices=["torch", "inplace_abn"],
+        choices=list(ABN_IMPLS),
         help="activated batch-norm implementation: pure PyTorch, or the compiled "
         "inplace_abn package (CUDA, optional)",
     )
@@ -801,7 +818,7 @@ def _add_point_cloud_args(parser: argparse.ArgumentParser) -> None:
         "--xyz_norm",
         type=str,
         default="block",
-        choices=["block", "room"],
+        choices=list(XYZ_NORMS),
         help="the last 3 point attributes: xyz normalised to [0, 1] over the block (block, as 3DPC-CISS's "
         "loader) or divided by the room's size (room)",
     )
@@ -878,7 +895,7 @@ def _add_incremental_args(parser: argparse.ArgumentParser) -> None:
         "--data_masking",
         type=str,
         default="current",
-        choices=["current", "current+old", "all", "new"],
+        choices=list(DATA_MASKINGS),
         help="VOC train/val label masking: current (old and future classes -> background), "
         "current+old (future -> background), new (old and future -> ignored); "
         "all is not implemented",
@@ -927,7 +944,7 @@ def _add_distillation_args(parser: argparse.ArgumentParser) -> None:
         help="weight of ILT encoder feature distillation",
     )
     group.add_argument(
-        "--regularizer", type=str, default=None, choices=["ewc", "rw", "pi"], help="parameter regulariser"
+        "--regularizer", type=str, default=None, choices=list(REGULARIZERS), help="parameter regulariser"
     )
     group.add_argument(
         "--reg_importance", **ranged(float, at_least(0)), default=1.0, help="regulariser weight"
@@ -1025,7 +1042,7 @@ def _add_pseudo_args(parser: argparse.ArgumentParser) -> None:
         "--pseudo_soft",
         type=str,
         default=None,
-        choices=["soft_certain", "soft_uncertain"],
+        choices=list(PSEUDO_SOFT_MODES),
         help="soft pseudo-label CE variant",
     )
     group.add_argument(
@@ -1038,7 +1055,7 @@ def _add_pseudo_args(parser: argparse.ArgumentParser) -> None:
         "--pseudo_ablation",
         type=str,
         default=None,
-        choices=["corrected_errors", "removed_errors"],
+        choices=list(PSEUDO_ABLATIONS),
         help="entropy pseudo-label ablations",
     )
 
@@ -1049,7 +1066,7 @@ def _add_pod_args(parser: argparse.ArgumentParser) -> None:
         "--pod",
         type=str,
         default=None,
-        choices=["spatial", "local", "global"],
+        choices=list(COLLAPSE_TYPES),
         help="POD feature distillation pooling (step > 0)",
     )
     group.add_argument(
@@ -1067,7 +1084,7 @@ def _add_pod_args(parser: argparse.ArgumentParser) -> None:
         "--pod_prepro",
         type=str,
         default="pow",
-        help="elementwise pre-processing before pooling: pow, none, relu",
+        help=f"elementwise pre-processing before pooling: {', '.join(PREPRO_TYPES)}",
     )
     group.add_argument(
         "--no_pod_schedule",
@@ -1123,13 +1140,13 @@ def _add_experimental_args(parser: argparse.ArgumentParser) -> None:
         "--multimodal_fusion",
         type=str,
         default="sum",
-        help="fusion of the background modes: sum, mean, max, softmax",
+        help=f"fusion of the background modes: {', '.join(MULTIMODAL_FUSIONS)}",
     )
     group.add_argument(
         "--init_multimodal",
         type=str,
         default=None,
-        choices=["max", "softmax", "max_init", "softmax_init", "softmax_remove", "max_remove"],
+        choices=list(REFERENCE_MULTIMODAL_INITS),
         help="multimodal initialisation of the new classifier (the *_init variants are "
         "refused: broken in the reference)",
     )
@@ -1137,7 +1154,7 @@ def _add_experimental_args(parser: argparse.ArgumentParser) -> None:
         "--align_weight",
         type=str,
         default=None,
-        choices=["old", "background", "all"],
+        choices=list(ALIGN_TYPES),
         help="weight-norm alignment of the newest classifier at validation",
     )
     group.add_argument(
@@ -1187,7 +1204,7 @@ def _add_experimental_args(parser: argparse.ArgumentParser) -> None:
         "--kd_bce_sig_shape",
         type=str,
         default="trim",
-        choices=["trim", "sum"],
+        choices=list(BCE_SIGMOID_SHAPES),
         help="sigmoid-BCE KD: drop the new channels (trim) or sum them into background",
     )
     group.add_argument(
@@ -1345,83 +1362,6 @@ def modify_command_options(
     return resolved
 
 
-def _check_pseudo(pseudo: str | None) -> None:
-    if pseudo is None or pseudo in ("naive", "confidence", "median", "entropy"):
-        return
-    if pseudo.startswith("threshold_"):
-        try:
-            threshold = float(pseudo.removeprefix("threshold_"))
-        except ValueError:
-            pass
-        else:
-            # The fixed threshold is compared with the old model's softmax confidence, a probability.
-            problem = out_of_range("--pseudo threshold_<t>: t", threshold, between(0, 1), float)
-            if problem is not None:
-                raise OptionsError(f"{problem}, e.g. threshold_0.9.")
-            return
-    raise OptionsError(
-        f"Unknown --pseudo {pseudo!r}. Pass one of: {', '.join(PSEUDO_MODES)} "
-        "(e.g. threshold_0.9), or leave it out to disable pseudo-labelling."
-    )
-
-
-def _check_pod(opts: argparse.Namespace) -> None:
-    if opts.pod_options is not None and not isinstance(opts.pod_options, dict):
-        raise OptionsError(
-            f"--pod_options must be a JSON object, got {opts.pod_options!r}. Pass for example "
-            '\'{"switch": {"after": {"extra_channels": "sum", "factor": 0.0005, "type": "local"}}}\'.'
-        )
-    switch = (opts.pod_options or {}).get("switch", {})
-    prepros = [opts.pod_prepro]
-    if isinstance(switch, dict):
-        prepros += [part.get("prepro") for part in switch.values() if isinstance(part, dict)]
-    _check_pod_numbers(switch)
-    for prepro in prepros:
-        if prepro == "abs":
-            # Q21: the reference's "abs" calls torch.abs with two arguments and crashes; refused up front.
-            raise OptionsError(
-                "POD pre-processing 'abs' (--pod_prepro or a 'prepro' entry of --pod_options) is broken "
-                "in the reference and not supported. Use pow (default), none or relu."
-            )
-        if prepro is not None and prepro not in POD_PREPROS:
-            raise OptionsError(
-                f"Unknown POD pre-processing {prepro!r} (--pod_prepro or a 'prepro' entry of "
-                "--pod_options). Use pow (default), none or relu."
-            )
-
-
-# Numeric entries of a --pod_options "switch" section, with the same meaning as the flags they override.
-POD_SECTION_NUMBERS: dict[str, tuple[type, Range]] = {
-    "factor": (float, at_least(0)),
-    "spp_scales": (int, at_least(1)),
-    "upscale_mask_topk": (int, at_least(1)),
-}
-
-
-def _check_pod_numbers(switch: Any) -> None:
-    if not isinstance(switch, dict):
-        return
-    for name, section in switch.items():
-        if not isinstance(section, dict):
-            continue
-        for key, (kind, valid) in POD_SECTION_NUMBERS.items():
-            if key not in section:
-                continue
-            value = section[key]
-            values = value if isinstance(value, list) else [value]
-            wrong_type = not values or any(
-                isinstance(v, bool) or not isinstance(v, int if kind is int else int | float) for v in values
-            )
-            problem = None if wrong_type else out_of_range(f"{key!r}", value, valid, kind)
-            if wrong_type or problem is not None:
-                what = "a list of integers >= 1" if key == "spp_scales" else valid.describe(kind)
-                raise OptionsError(
-                    f"--pod_options: switch.{name}.{key} is {value!r}; it must be {what}. Fix the JSON "
-                    'of --pod_options, e.g. \'{"switch": {"after": {"extra_channels": "sum", "factor": '
-                    '0.0005, "type": "local"}}}\'.'
-                )
-
-
 def check_ranges(opts: argparse.Namespace) -> None:
     """Refuse a numeric option outside the range its parser declaration gives (see :class:`InRange`).
 
@@ -1500,34 +1440,6 @@ def _check_shapes(opts: argparse.Namespace) -> None:
             )
 
 
-def _check_unsupported(opts: argparse.Namespace) -> None:
-    if opts.data_masking == "all":
-        raise OptionsError(
-            "--data_masking all is not implemented (the reference raises NotImplementedError). "
-            "Use current (default), current+old or new."
-        )
-    if opts.no_mask and opts.dataset == "voc":
-        raise OptionsError(
-            "--no_mask is not supported for VOC (the reference stops on an assertion). Leave it out, "
-            "or choose how VOC labels are masked with --data_masking current|current+old|new."
-        )
-    if opts.exkd_gt or opts.exkd_sum:
-        raise OptionsError(
-            "--exkd_gt/--exkd_sum (excluded knowledge distillation) crash in the reference training "
-            "loop (Q16) and are not supported. Remove them; use --loss_kd with --unkd, --lgkd or plain KD."
-        )
-    if opts.init_multimodal is not None and opts.init_multimodal.endswith("_init"):
-        raise OptionsError(
-            f"--init_multimodal {opts.init_multimodal} is broken in the reference (Q21) and not "
-            "supported. Use max, softmax, max_remove or softmax_remove."
-        )
-    if opts.multimodal_fusion not in MULTIMODAL_FUSIONS:
-        raise OptionsError(
-            f"Unknown --multimodal_fusion {opts.multimodal_fusion!r}. Use one of: "
-            f"{', '.join(MULTIMODAL_FUSIONS)}."
-        )
-
-
 def validate_options(opts: argparse.Namespace, explicit: Collection[str] | None = None) -> None:
     """Refuse, before any work, options that cannot work (called after :func:`modify_command_options`).
 
@@ -1549,9 +1461,13 @@ def validate_options(opts: argparse.Namespace, explicit: Collection[str] | None 
         _check_point_cloud_sizes(opts)
     else:
         _check_shapes(opts)
-    _check_unsupported(opts)
-    _check_pseudo(opts.pseudo)
-    _check_pod(opts)
+    # The rules of the modules that build the datasets, the model, the losses and POD from these options,
+    # applied here so that a run stops before any work (those modules apply them again when they build).
+    check_dataset_options(opts)
+    check_loss_options(opts)
+    check_model_options(opts)
+    check_pseudo_mode(opts.pseudo)
+    check_pod_options(opts.pod_options, opts.pod_prepro)
 
 
 def parse_command_line(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, frozenset[str]]:
