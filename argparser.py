@@ -1,9 +1,9 @@
 """Command-line interface: every reference flag, method presets, derived options and validation.
 
-The interface is the reference one flag for flag (§2.1): same names, ``dest``, types, defaults, choices and
-``store_true``/``store_false`` polarity, including the inverted ``--crop_val``, ``--visualize`` and
-``--strict_weights`` and the hyphenated ``--fusion-mode``. Scripts and saved option dumps of the
-reference therefore keep working. What changes is the shape:
+The interface is the reference one flag for flag (reference ``argparser.py`` ``get_argparser``): same
+names, ``dest``, types, defaults, choices and ``store_true``/``store_false`` polarity, including the
+inverted ``--crop_val``, ``--visualize`` and ``--strict_weights`` and the hyphenated ``--fusion-mode``.
+Scripts and saved option dumps of the reference therefore keep working. What changes is the shape:
 
 * flags are grouped and the help shows the real defaults (``ArgumentDefaultsHelpFormatter``);
 * every numeric flag declares its valid values (``**ranged(int, at_least(1))``, see :class:`InRange`):
@@ -70,9 +70,10 @@ DATASETS = tuple(DATASET_CLASSES)
 #: Image datasets; the point-cloud ones (the 3DPC-CISS protocol) have (9, N) points as items and DGCNN.
 IMAGE_DATASETS = tuple(name for name in DATASETS if name not in POINT_CLOUD_DATASETS)
 
-# Number of output classes per dataset. Reference behaviour (§2.2): "cityscapes" and
-# "cityscapes_classdomain" are known here but not selectable with --dataset. The point-cloud datasets
-# count background 0 (S3DIS: none of its points; ScanNet: "unannotated") and their 13 / 20 classes.
+# Number of output classes per dataset. Reference ``argparser.py`` ``modify_command_options``:
+# "cityscapes" and "cityscapes_classdomain" are known here but not selectable with --dataset. The
+# point-cloud datasets count background 0 (S3DIS: none of its points; ScanNet: "unannotated") and their
+# 13 / 20 classes.
 NUM_CLASSES: dict[str, int] = {
     "voc": 21,
     "ade": 151,
@@ -259,8 +260,8 @@ def _pod_switch_options(after_factor: float) -> dict[str, Any]:
 
 
 # Options each --method sets, overriding whatever the command line said for the same options
-# (reference semantics, §2.2). Options not listed keep their command-line value; in particular the
-# LGKD preset leaves prev_kd/novel_kd alone (the scripts pass them).
+# (reference ``argparser.py`` ``modify_command_options``). Options not listed keep their command-line
+# value; in particular the LGKD preset leaves prev_kd/novel_kd alone (the scripts pass them).
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "FT": {},
     "LWF": {"loss_kd": 100.0},
@@ -298,7 +299,8 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
 METHODS = tuple(METHOD_PRESETS)
 
 # Dataset-dependent values layered on top of METHOD_PRESETS. Only LGKD has any: weaker POD on ADE20k.
-# The PLOP preset deliberately has none (the reference uses the VOC factors on every dataset, §11).
+# The PLOP preset deliberately has none (reference ``argparser.py`` ``modify_command_options`` sets the
+# VOC factors on every dataset).
 PRESET_DATASET_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
     ("LGKD", "ade"): {"pod_factor": 0.001, "pod_options": _pod_switch_options(0.00001)},
 }
@@ -585,8 +587,8 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         "--fix_bn",
         action="store_true",
         default=False,
-        help="freeze the affine parameters of the normalisation layers (reference "
-        "behaviour Q19: their eval mode is undone by model.train() every epoch)",
+        help="freeze the affine parameters of the normalisation layers "
+        "(docs/reference-notes.md RN-19: their eval mode is undone by model.train() every epoch)",
     )
     group.add_argument(
         "--batch_size",
@@ -871,8 +873,8 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
 def _add_incremental_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Incremental")
     task_help = "; ".join(f"{name}: {', '.join(table)}" for name, table in tasks.TASKS.items())
-    # Reference behaviour (§3.2): choices are the union of every dataset's task names; whether the
-    # task exists for --dataset is checked by validate_options.
+    # As the reference (``tasks.py`` ``get_task_list``), the choices are the union of every dataset's task
+    # names; whether the task exists for --dataset is checked by validate_options.
     group.add_argument(
         "--task",
         type=str,
@@ -1012,7 +1014,7 @@ def _add_pseudo_args(parser: argparse.ArgumentParser) -> None:
         "--step_threshold",
         **ranged(float, ANY),
         default=None,
-        help="no effect (reference behaviour Q15: added after the threshold is used)",
+        help="no effect (docs/reference-notes.md RN-15: added after the threshold is used)",
     )
     group.add_argument(
         "--pseudo_nb_bins",
@@ -1185,7 +1187,7 @@ def _add_experimental_args(parser: argparse.ArgumentParser) -> None:
         "--entropy_min",
         **ranged(float, at_least(0)),
         default=0.0,
-        help="> 0 enables entropy minimisation (reference behaviour Q17: weight is always 1)",
+        help="> 0 enables entropy minimisation (docs/reference-notes.md RN-17: weight is always 1)",
     )
     group.add_argument(
         "--kd_scheduling",
@@ -1197,7 +1199,7 @@ def _add_experimental_args(parser: argparse.ArgumentParser) -> None:
         "--sample_weights_new",
         **ranged(float, at_least(0)),
         default=None,
-        help="multiply the CE of every pixel by this value (reference behaviour Q18)",
+        help="multiply the CE of every pixel by this value (docs/reference-notes.md RN-18)",
     )
     group.add_argument("--kd_bce_sig", action="store_true", default=False, help="sigmoid-BCE distillation")
     group.add_argument(
@@ -1290,7 +1292,8 @@ def _add_deprecated_args(parser: argparse.ArgumentParser) -> None:
 
 
 def get_argparser() -> OptionParser:
-    """Build the parser with every reference flag (§2.1) plus the additive flags of this project."""
+    """Build the parser with every reference flag (reference ``argparser.py`` ``get_argparser``) plus the
+    additive flags of this project."""
     parser = OptionParser(
         description="Continual semantic segmentation: train or test one incremental step.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -1322,16 +1325,17 @@ def modify_command_options(
 ) -> argparse.Namespace:
     """Resolve method presets and derived options; return a new ``Namespace`` (``opts`` is untouched).
 
-    Reference semantics (§2.2): ``num_classes`` comes from the dataset; without ``visualize``,
-    ``sample_num`` is 0; the ``--method`` preset overwrites the options it lists whatever the command
-    line said; ``no_overlap`` and ``no_cross_val`` are the negations of ``overlap`` and ``cross_val``.
+    Reference semantics (``argparser.py`` ``modify_command_options``): ``num_classes`` comes from the
+    dataset; without ``visualize``, ``sample_num`` is 0; the ``--method`` preset overwrites the options it
+    lists whatever the command line said; ``no_overlap`` and ``no_cross_val`` are the negations of
+    ``overlap`` and ``cross_val``.
     Before the preset, the dataset's own defaults (:data:`DATASET_DEFAULTS`: DGCNN and the 3DPC-CISS
     training settings for S3DIS and ScanNet) replace the values of the options the user did not set
     (``explicit``, see :func:`user_set_options`).
     ``num_workers`` and ``scan_workers`` above the CPUs available are lowered to that number, with a
     one-line warning on stderr, so the saved options hold what the run really uses.
     ``norm_act = iabn_sync_test`` is resolved to its alias ``iabn_sync`` here, once, so that the current
-    and the old model are built alike (the reference renamed it half-way, Q12).
+    and the old model are built alike (the reference renamed it half-way, RN-12).
 
     Raises:
         OptionsError: unknown dataset or method (only possible for a hand-built ``Namespace``).
