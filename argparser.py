@@ -1,9 +1,9 @@
 """Command-line interface: every reference flag, method presets, derived options and validation.
 
-The interface is the reference one flag for flag (§2.1): same names, ``dest``, types, defaults, choices and
-``store_true``/``store_false`` polarity, including the inverted ``--crop_val``, ``--visualize`` and
-``--strict_weights`` and the hyphenated ``--fusion-mode``. Scripts and saved option dumps of the
-reference therefore keep working. What changes is the shape:
+The interface is the reference one flag for flag (reference ``argparser.py`` ``get_argparser``): same
+names, ``dest``, types, defaults, choices and ``store_true``/``store_false`` polarity, including the
+inverted ``--crop_val``, ``--visualize`` and ``--strict_weights`` and the hyphenated ``--fusion-mode``.
+Scripts and saved option dumps of the reference therefore keep working. What changes is the shape:
 
 * flags are grouped and the help shows the real defaults (``ArgumentDefaultsHelpFormatter``);
 * every numeric flag declares its valid values (``**ranged(int, at_least(1))``, see :class:`InRange`):
@@ -39,17 +39,41 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import tasks
+from dataset.build import DATASETS as DATASET_CLASSES
+from dataset.build import POINT_CLOUD_DATASETS, check_dataset_options
+from dataset.incremental import DATA_MASKINGS
+from dataset.pointcloud_transform import XYZ_NORMS
+from models import BACKBONES, DEFAULT_KNN_CHUNK, DILATIONS, POINT_BACKBONES
+from segmentation_module import (
+    ABN_IMPLS,
+    ALIGN_TYPES,
+    MULTIMODAL_FUSIONS,
+    NORM_ACTS,
+    REFERENCE_MULTIMODAL_INITS,
+    check_model_options,
+)
 from utils.errors import OptionsError
 from utils.files import write_text_atomically
+from utils.loss import BCE_SIGMOID_SHAPES
+from utils.loss_terms import check_loss_options
+from utils.pod import COLLAPSE_TYPES, PREPRO_TYPES, check_pod_options
+from utils.pseudo_label import PSEUDO_ABLATIONS, PSEUDO_MODES, PSEUDO_SOFT_MODES, check_pseudo_mode
+from utils.regularizer import REGULARIZERS
+from utils.scheduler import LR_POLICIES
 
-IMAGE_DATASETS = ("voc", "ade", "cityscapes_domain")
-#: Point-cloud datasets (the 3DPC-CISS protocol): items are (9, N) points, the model is DGCNN.
-POINT_CLOUD_DATASETS = ("s3dis", "scannet")
-DATASETS = IMAGE_DATASETS + POINT_CLOUD_DATASETS
+# The choices of an option and the rules of its values belong to the module that uses them (the datasets,
+# the model, the losses, POD, pseudo-labelling): imported here for ``choices=`` and the help, and their
+# checks called by validate_options, so that each rule is written once.
 
-# Number of output classes per dataset. Reference behaviour (§2.2): "cityscapes" and
-# "cityscapes_classdomain" are known here but not selectable with --dataset. The point-cloud datasets
-# count background 0 (S3DIS: none of its points; ScanNet: "unannotated") and their 13 / 20 classes.
+#: Every --dataset, in the order of the reference's choices (point clouds appended).
+DATASETS = tuple(DATASET_CLASSES)
+#: Image datasets; the point-cloud ones (the 3DPC-CISS protocol) have (9, N) points as items and DGCNN.
+IMAGE_DATASETS = tuple(name for name in DATASETS if name not in POINT_CLOUD_DATASETS)
+
+# Number of output classes per dataset. Reference ``argparser.py`` ``modify_command_options``:
+# "cityscapes" and "cityscapes_classdomain" are known here but not selectable with --dataset. The
+# point-cloud datasets count background 0 (S3DIS: none of its points; ScanNet: "unannotated") and their
+# 13 / 20 classes.
 NUM_CLASSES: dict[str, int] = {
     "voc": 21,
     "ade": 151,
@@ -59,17 +83,8 @@ NUM_CLASSES: dict[str, int] = {
     "s3dis": 14,
     "scannet": 21,
 }
-IMAGE_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
-#: Same names as ``models.POINT_BACKBONES`` (this module imports no torch code).
-POINT_BACKBONES = ("dgcnn",)
-#: ``models.DEFAULT_KNN_CHUNK``: query points per kNN chunk of DGCNN's neighbour graphs.
-DEFAULT_KNN_CHUNK = 8192
-
-METHODS = ("FT", "LWF", "LWF-MC", "ILT", "EWC", "RW", "PI", "MiB", "PLOP", "LGKD")
-NORM_ACTS = ("iabn_sync", "iabn", "abn", "std", "iabn_sync_test")
-POD_PREPROS = ("pow", "none", "relu", "abs")
-MULTIMODAL_FUSIONS = ("sum", "mean", "max", "softmax")
-PSEUDO_MODES = ("naive", "confidence", "threshold_<float>", "median", "entropy")
+#: ResNet depths of the image model (``models.BACKBONES``); ``models.POINT_BACKBONES`` for point clouds.
+IMAGE_BACKBONES = tuple(BACKBONES)
 
 
 # numpy's legacy seeding (np.random.seed) takes 0 <= seed < 2**32; torch and python accept that range too.
@@ -245,8 +260,8 @@ def _pod_switch_options(after_factor: float) -> dict[str, Any]:
 
 
 # Options each --method sets, overriding whatever the command line said for the same options
-# (reference semantics, §2.2). Options not listed keep their command-line value; in particular the
-# LGKD preset leaves prev_kd/novel_kd alone (the scripts pass them).
+# (reference ``argparser.py`` ``modify_command_options``). Options not listed keep their command-line
+# value; in particular the LGKD preset leaves prev_kd/novel_kd alone (the scripts pass them).
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "FT": {},
     "LWF": {"loss_kd": 100.0},
@@ -280,8 +295,12 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+#: --method values: the methods that have a preset.
+METHODS = tuple(METHOD_PRESETS)
+
 # Dataset-dependent values layered on top of METHOD_PRESETS. Only LGKD has any: weaker POD on ADE20k.
-# The PLOP preset deliberately has none (the reference uses the VOC factors on every dataset, §11).
+# The PLOP preset deliberately has none (reference ``argparser.py`` ``modify_command_options`` sets the
+# VOC factors on every dataset).
 PRESET_DATASET_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
     ("LGKD", "ade"): {"pod_factor": 0.001, "pod_options": _pod_switch_options(0.00001)},
 }
@@ -568,8 +587,8 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         "--fix_bn",
         action="store_true",
         default=False,
-        help="freeze the affine parameters of the normalisation layers (reference "
-        "behaviour Q19: their eval mode is undone by model.train() every epoch)",
+        help="freeze the affine parameters of the normalisation layers "
+        "(docs/reference-notes.md RN-19: their eval mode is undone by model.train() every epoch)",
     )
     group.add_argument(
         "--batch_size",
@@ -616,7 +635,7 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         "--lr_policy",
         type=str,
         default="poly",
-        choices=["poly", "step"],
+        choices=list(LR_POLICIES),
         help="learning-rate schedule, stepped every iteration (point-cloud datasets: step unless set)",
     )
     group.add_argument(
@@ -740,7 +759,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "chosen unless set",
     )
     group.add_argument(
-        "--output_stride", type=int, default=16, choices=[8, 16], help="backbone output stride"
+        "--output_stride", type=int, default=16, choices=sorted(DILATIONS), help="backbone output stride"
     )
     group.add_argument(
         "--no_pretrained",
@@ -761,7 +780,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--abn_impl",
         type=str,
         default="torch",
-        choices=["torch", "inplace_abn"],
+        choices=list(ABN_IMPLS),
         help="activated batch-norm implementation: pure PyTorch, or the compiled "
         "inplace_abn package (CUDA, optional)",
     )
@@ -801,7 +820,7 @@ def _add_point_cloud_args(parser: argparse.ArgumentParser) -> None:
         "--xyz_norm",
         type=str,
         default="block",
-        choices=["block", "room"],
+        choices=list(XYZ_NORMS),
         help="the last 3 point attributes: xyz normalised to [0, 1] over the block (block, as 3DPC-CISS's "
         "loader) or divided by the room's size (room)",
     )
@@ -854,8 +873,8 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
 def _add_incremental_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Incremental")
     task_help = "; ".join(f"{name}: {', '.join(table)}" for name, table in tasks.TASKS.items())
-    # Reference behaviour (§3.2): choices are the union of every dataset's task names; whether the
-    # task exists for --dataset is checked by validate_options.
+    # As the reference (``tasks.py`` ``get_task_list``), the choices are the union of every dataset's task
+    # names; whether the task exists for --dataset is checked by validate_options.
     group.add_argument(
         "--task",
         type=str,
@@ -878,7 +897,7 @@ def _add_incremental_args(parser: argparse.ArgumentParser) -> None:
         "--data_masking",
         type=str,
         default="current",
-        choices=["current", "current+old", "all", "new"],
+        choices=list(DATA_MASKINGS),
         help="VOC train/val label masking: current (old and future classes -> background), "
         "current+old (future -> background), new (old and future -> ignored); "
         "all is not implemented",
@@ -927,7 +946,7 @@ def _add_distillation_args(parser: argparse.ArgumentParser) -> None:
         help="weight of ILT encoder feature distillation",
     )
     group.add_argument(
-        "--regularizer", type=str, default=None, choices=["ewc", "rw", "pi"], help="parameter regulariser"
+        "--regularizer", type=str, default=None, choices=list(REGULARIZERS), help="parameter regulariser"
     )
     group.add_argument(
         "--reg_importance", **ranged(float, at_least(0)), default=1.0, help="regulariser weight"
@@ -995,7 +1014,7 @@ def _add_pseudo_args(parser: argparse.ArgumentParser) -> None:
         "--step_threshold",
         **ranged(float, ANY),
         default=None,
-        help="no effect (reference behaviour Q15: added after the threshold is used)",
+        help="no effect (docs/reference-notes.md RN-15: added after the threshold is used)",
     )
     group.add_argument(
         "--pseudo_nb_bins",
@@ -1025,7 +1044,7 @@ def _add_pseudo_args(parser: argparse.ArgumentParser) -> None:
         "--pseudo_soft",
         type=str,
         default=None,
-        choices=["soft_certain", "soft_uncertain"],
+        choices=list(PSEUDO_SOFT_MODES),
         help="soft pseudo-label CE variant",
     )
     group.add_argument(
@@ -1038,7 +1057,7 @@ def _add_pseudo_args(parser: argparse.ArgumentParser) -> None:
         "--pseudo_ablation",
         type=str,
         default=None,
-        choices=["corrected_errors", "removed_errors"],
+        choices=list(PSEUDO_ABLATIONS),
         help="entropy pseudo-label ablations",
     )
 
@@ -1049,7 +1068,7 @@ def _add_pod_args(parser: argparse.ArgumentParser) -> None:
         "--pod",
         type=str,
         default=None,
-        choices=["spatial", "local", "global"],
+        choices=list(COLLAPSE_TYPES),
         help="POD feature distillation pooling (step > 0)",
     )
     group.add_argument(
@@ -1067,7 +1086,7 @@ def _add_pod_args(parser: argparse.ArgumentParser) -> None:
         "--pod_prepro",
         type=str,
         default="pow",
-        help="elementwise pre-processing before pooling: pow, none, relu",
+        help=f"elementwise pre-processing before pooling: {', '.join(PREPRO_TYPES)}",
     )
     group.add_argument(
         "--no_pod_schedule",
@@ -1123,13 +1142,13 @@ def _add_experimental_args(parser: argparse.ArgumentParser) -> None:
         "--multimodal_fusion",
         type=str,
         default="sum",
-        help="fusion of the background modes: sum, mean, max, softmax",
+        help=f"fusion of the background modes: {', '.join(MULTIMODAL_FUSIONS)}",
     )
     group.add_argument(
         "--init_multimodal",
         type=str,
         default=None,
-        choices=["max", "softmax", "max_init", "softmax_init", "softmax_remove", "max_remove"],
+        choices=list(REFERENCE_MULTIMODAL_INITS),
         help="multimodal initialisation of the new classifier (the *_init variants are "
         "refused: broken in the reference)",
     )
@@ -1137,7 +1156,7 @@ def _add_experimental_args(parser: argparse.ArgumentParser) -> None:
         "--align_weight",
         type=str,
         default=None,
-        choices=["old", "background", "all"],
+        choices=list(ALIGN_TYPES),
         help="weight-norm alignment of the newest classifier at validation",
     )
     group.add_argument(
@@ -1168,7 +1187,7 @@ def _add_experimental_args(parser: argparse.ArgumentParser) -> None:
         "--entropy_min",
         **ranged(float, at_least(0)),
         default=0.0,
-        help="> 0 enables entropy minimisation (reference behaviour Q17: weight is always 1)",
+        help="> 0 enables entropy minimisation (docs/reference-notes.md RN-17: weight is always 1)",
     )
     group.add_argument(
         "--kd_scheduling",
@@ -1180,14 +1199,14 @@ def _add_experimental_args(parser: argparse.ArgumentParser) -> None:
         "--sample_weights_new",
         **ranged(float, at_least(0)),
         default=None,
-        help="multiply the CE of every pixel by this value (reference behaviour Q18)",
+        help="multiply the CE of every pixel by this value (docs/reference-notes.md RN-18)",
     )
     group.add_argument("--kd_bce_sig", action="store_true", default=False, help="sigmoid-BCE distillation")
     group.add_argument(
         "--kd_bce_sig_shape",
         type=str,
         default="trim",
-        choices=["trim", "sum"],
+        choices=list(BCE_SIGMOID_SHAPES),
         help="sigmoid-BCE KD: drop the new channels (trim) or sum them into background",
     )
     group.add_argument(
@@ -1273,7 +1292,8 @@ def _add_deprecated_args(parser: argparse.ArgumentParser) -> None:
 
 
 def get_argparser() -> OptionParser:
-    """Build the parser with every reference flag (§2.1) plus the additive flags of this project."""
+    """Build the parser with every reference flag (reference ``argparser.py`` ``get_argparser``) plus the
+    additive flags of this project."""
     parser = OptionParser(
         description="Continual semantic segmentation: train or test one incremental step.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -1305,16 +1325,17 @@ def modify_command_options(
 ) -> argparse.Namespace:
     """Resolve method presets and derived options; return a new ``Namespace`` (``opts`` is untouched).
 
-    Reference semantics (§2.2): ``num_classes`` comes from the dataset; without ``visualize``,
-    ``sample_num`` is 0; the ``--method`` preset overwrites the options it lists whatever the command
-    line said; ``no_overlap`` and ``no_cross_val`` are the negations of ``overlap`` and ``cross_val``.
+    Reference semantics (``argparser.py`` ``modify_command_options``): ``num_classes`` comes from the
+    dataset; without ``visualize``, ``sample_num`` is 0; the ``--method`` preset overwrites the options it
+    lists whatever the command line said; ``no_overlap`` and ``no_cross_val`` are the negations of
+    ``overlap`` and ``cross_val``.
     Before the preset, the dataset's own defaults (:data:`DATASET_DEFAULTS`: DGCNN and the 3DPC-CISS
     training settings for S3DIS and ScanNet) replace the values of the options the user did not set
     (``explicit``, see :func:`user_set_options`).
     ``num_workers`` and ``scan_workers`` above the CPUs available are lowered to that number, with a
     one-line warning on stderr, so the saved options hold what the run really uses.
     ``norm_act = iabn_sync_test`` is resolved to its alias ``iabn_sync`` here, once, so that the current
-    and the old model are built alike (the reference renamed it half-way, Q12).
+    and the old model are built alike (the reference renamed it half-way, RN-12).
 
     Raises:
         OptionsError: unknown dataset or method (only possible for a hand-built ``Namespace``).
@@ -1343,83 +1364,6 @@ def modify_command_options(
     resolved.num_workers = cap_workers(resolved.num_workers, "--num_workers", cpus)
     resolved.scan_workers = cap_workers(getattr(resolved, "scan_workers", None), "--scan_workers", cpus)
     return resolved
-
-
-def _check_pseudo(pseudo: str | None) -> None:
-    if pseudo is None or pseudo in ("naive", "confidence", "median", "entropy"):
-        return
-    if pseudo.startswith("threshold_"):
-        try:
-            threshold = float(pseudo.removeprefix("threshold_"))
-        except ValueError:
-            pass
-        else:
-            # The fixed threshold is compared with the old model's softmax confidence, a probability.
-            problem = out_of_range("--pseudo threshold_<t>: t", threshold, between(0, 1), float)
-            if problem is not None:
-                raise OptionsError(f"{problem}, e.g. threshold_0.9.")
-            return
-    raise OptionsError(
-        f"Unknown --pseudo {pseudo!r}. Pass one of: {', '.join(PSEUDO_MODES)} "
-        "(e.g. threshold_0.9), or leave it out to disable pseudo-labelling."
-    )
-
-
-def _check_pod(opts: argparse.Namespace) -> None:
-    if opts.pod_options is not None and not isinstance(opts.pod_options, dict):
-        raise OptionsError(
-            f"--pod_options must be a JSON object, got {opts.pod_options!r}. Pass for example "
-            '\'{"switch": {"after": {"extra_channels": "sum", "factor": 0.0005, "type": "local"}}}\'.'
-        )
-    switch = (opts.pod_options or {}).get("switch", {})
-    prepros = [opts.pod_prepro]
-    if isinstance(switch, dict):
-        prepros += [part.get("prepro") for part in switch.values() if isinstance(part, dict)]
-    _check_pod_numbers(switch)
-    for prepro in prepros:
-        if prepro == "abs":
-            # Q21: the reference's "abs" calls torch.abs with two arguments and crashes; refused up front.
-            raise OptionsError(
-                "POD pre-processing 'abs' (--pod_prepro or a 'prepro' entry of --pod_options) is broken "
-                "in the reference and not supported. Use pow (default), none or relu."
-            )
-        if prepro is not None and prepro not in POD_PREPROS:
-            raise OptionsError(
-                f"Unknown POD pre-processing {prepro!r} (--pod_prepro or a 'prepro' entry of "
-                "--pod_options). Use pow (default), none or relu."
-            )
-
-
-# Numeric entries of a --pod_options "switch" section, with the same meaning as the flags they override.
-POD_SECTION_NUMBERS: dict[str, tuple[type, Range]] = {
-    "factor": (float, at_least(0)),
-    "spp_scales": (int, at_least(1)),
-    "upscale_mask_topk": (int, at_least(1)),
-}
-
-
-def _check_pod_numbers(switch: Any) -> None:
-    if not isinstance(switch, dict):
-        return
-    for name, section in switch.items():
-        if not isinstance(section, dict):
-            continue
-        for key, (kind, valid) in POD_SECTION_NUMBERS.items():
-            if key not in section:
-                continue
-            value = section[key]
-            values = value if isinstance(value, list) else [value]
-            wrong_type = not values or any(
-                isinstance(v, bool) or not isinstance(v, int if kind is int else int | float) for v in values
-            )
-            problem = None if wrong_type else out_of_range(f"{key!r}", value, valid, kind)
-            if wrong_type or problem is not None:
-                what = "a list of integers >= 1" if key == "spp_scales" else valid.describe(kind)
-                raise OptionsError(
-                    f"--pod_options: switch.{name}.{key} is {value!r}; it must be {what}. Fix the JSON "
-                    'of --pod_options, e.g. \'{"switch": {"after": {"extra_channels": "sum", "factor": '
-                    '0.0005, "type": "local"}}}\'.'
-                )
 
 
 def check_ranges(opts: argparse.Namespace) -> None:
@@ -1500,34 +1444,6 @@ def _check_shapes(opts: argparse.Namespace) -> None:
             )
 
 
-def _check_unsupported(opts: argparse.Namespace) -> None:
-    if opts.data_masking == "all":
-        raise OptionsError(
-            "--data_masking all is not implemented (the reference raises NotImplementedError). "
-            "Use current (default), current+old or new."
-        )
-    if opts.no_mask and opts.dataset == "voc":
-        raise OptionsError(
-            "--no_mask is not supported for VOC (the reference stops on an assertion). Leave it out, "
-            "or choose how VOC labels are masked with --data_masking current|current+old|new."
-        )
-    if opts.exkd_gt or opts.exkd_sum:
-        raise OptionsError(
-            "--exkd_gt/--exkd_sum (excluded knowledge distillation) crash in the reference training "
-            "loop (Q16) and are not supported. Remove them; use --loss_kd with --unkd, --lgkd or plain KD."
-        )
-    if opts.init_multimodal is not None and opts.init_multimodal.endswith("_init"):
-        raise OptionsError(
-            f"--init_multimodal {opts.init_multimodal} is broken in the reference (Q21) and not "
-            "supported. Use max, softmax, max_remove or softmax_remove."
-        )
-    if opts.multimodal_fusion not in MULTIMODAL_FUSIONS:
-        raise OptionsError(
-            f"Unknown --multimodal_fusion {opts.multimodal_fusion!r}. Use one of: "
-            f"{', '.join(MULTIMODAL_FUSIONS)}."
-        )
-
-
 def validate_options(opts: argparse.Namespace, explicit: Collection[str] | None = None) -> None:
     """Refuse, before any work, options that cannot work (called after :func:`modify_command_options`).
 
@@ -1549,9 +1465,13 @@ def validate_options(opts: argparse.Namespace, explicit: Collection[str] | None 
         _check_point_cloud_sizes(opts)
     else:
         _check_shapes(opts)
-    _check_unsupported(opts)
-    _check_pseudo(opts.pseudo)
-    _check_pod(opts)
+    # The rules of the modules that build the datasets, the model, the losses and POD from these options,
+    # applied here so that a run stops before any work (those modules apply them again when they build).
+    check_dataset_options(opts)
+    check_loss_options(opts)
+    check_model_options(opts)
+    check_pseudo_mode(opts.pseudo)
+    check_pod_options(opts.pod_options, opts.pod_prepro)
 
 
 def parse_command_line(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, frozenset[str]]:

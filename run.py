@@ -1,30 +1,35 @@
 """Train or evaluate one incremental step: ``python run.py ...`` or ``torchrun --nproc_per_node=N run.py``.
 
-One call = one step (spec §1): the step-``t`` run loads the best checkpoint of step ``t-1`` into the new model
-(balanced initialisation of the new classifier) and into the frozen old model, trains for ``--epochs``,
-validates on the seen-classes test set, keeps the best checkpoint and writes its row to the results CSV.
+One call = one step (as the reference's ``run.py``): the step-``t`` run loads the best checkpoint of step
+``t-1`` into the new model (balanced initialisation of the new classifier) and into the frozen old model,
+trains for ``--epochs``, validates on the seen-classes test set, keeps the best checkpoint and writes its row
+to the results CSV.
+
+The stages, in order (:func:`run_step`): check the input (:func:`resume.preflight`), take the step's lock and
+check every checkpoint it will use (:func:`resume.inspect_checkpoints`), then set up the process
+(:func:`setup_runtime`), build the data (:func:`dataset.build_datasets`, :func:`build_loaders`) and the models
+(:func:`build_train_models` or :func:`load_test_model`), open the outputs (:func:`open_outputs`), train
+(:func:`train_step`: :func:`build_optimizer`, the Trainer, :func:`fit`) or evaluate, and write the results
+(:func:`finish_step`).
 
 Running the same command again never loses or redoes work: an interrupted step resumes from its last
 finished epoch, a finished step exits at once (rewriting its results row if it is missing), and a rerun with
-options that would change the trained model is refused with the list of differences (utils/resume.py,
-utils/training_options.py). Every input is checked before the data set is scanned; Ctrl-C and SIGTERM stop
-with one line that says how to resume (utils/interrupt.py).
+options that would change the trained model is refused with the list of differences. That bookkeeping (the
+step's files, checkpoints and resume state) lives in ``resume.py`` and ``training_options.py``; Ctrl-C and
+SIGTERM stop with one line that says how to resume (``utils/interrupt.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import random
 import sys
-import tempfile
 import threading
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,23 +38,42 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import tasks
-from argparser import is_point_cloud, parse_command_line, save_options, validate_options
+from argparser import is_point_cloud, parse_command_line, validate_options
 from dataset import build_datasets
 from dataset.transform import IMAGENET_MEAN, IMAGENET_STD
 from metrics import StreamSegMetrics, confusion_matrix_to_fig
+from resume import (
+    StepPlan,
+    StepState,
+    ensure_writable,
+    inspect_checkpoints,
+    last_epoch_checkpoint_path,
+    launch_rank,
+    load_model_file,
+    log_directory,
+    make_provenance,
+    plain_score,
+    planned_world_size,
+    preflight,
+    previous_step_path,
+    remove_resumable_state,
+    restore_state,
+    results_path,
+    same_file,
+    save_best_checkpoint,
+    save_last_epoch,
+    skip_finished_step,
+    step_checkpoint_path,
+    step_guard,
+    write_options,
+    write_row,
+)
 from segmentation_module import make_model
-from train import Trainer, uses_grad_scaler
+from train import Trainer, uses_grad_scaler, wants_channels_last
 from utils import distributed as dist_utils
 from utils.allocator import keep_freed_memory
-from utils.checkpoint import (
-    check_same_layout,
-    load_checkpoint,
-    load_model_state,
-    loading_entry,
-    save_checkpoint,
-)
-from utils.errors import CheckpointError, DatasetError, OptionsError, OutputError, TrainingError, UserError
-from utils.files import describe_os_error
+from utils.checkpoint import load_model_state, load_optimizer_state, loading_entry, set_rng_state
+from utils.errors import DatasetError, OptionsError, TrainingError, UserError
 from utils.interrupt import (
     CountingIterable,
     RunProgress,
@@ -60,110 +84,158 @@ from utils.interrupt import (
     stop_message,
 )
 from utils.logger import Logger
-from utils.results import format_results_row, results_steps, write_results_row
-from utils.resume import (
-    StepPlan,
-    check_name_lengths,
-    inspect_checkpoints,
-    last_epoch_checkpoint_path,
-    launch_rank,
-    log_directory,
-    options_file,
-    planned_world_size,
-    previous_step_path,
-    results_path,
-    step_checkpoint_path,
-    step_guard,
-)
 from utils.sampler import ShardedEvalSampler
 from utils.scheduler import build_scheduler
-from utils.training_options import stored_options
 from utils.visualization import make_pointcloud_grid, make_prediction_grid
 
-# Reference behaviour (§7.4): validate when (epoch+1) % val_interval == 0 from epoch 30 on, or after the
-# last epoch. With the default --val_interval 60 only the last epoch of VOC runs is evaluated.
+# Public names of this module; the resume bookkeeping that moved to resume.py and utils/checkpoint.py
+# stays importable from here.
+__all__ = [
+    "MIN_EPOCH_FOR_VALIDATION",
+    "build_loaders",
+    "build_model",
+    "build_optimizer",
+    "build_train_models",
+    "fit",
+    "load_optimizer_state",
+    "load_previous_step",
+    "load_test_model",
+    "main",
+    "preflight",
+    "run_step",
+    "seed_everything",
+    "setup_runtime",
+    "step_checkpoint_path",
+    "train_step",
+]
+
+# Reference behaviour (LGKD run.py run_step, RN-01): validate when (epoch+1) % val_interval == 0 from epoch
+# 30 on, or after the last epoch. With the default --val_interval 60 only the last epoch of VOC runs is
+# evaluated.
 MIN_EPOCH_FOR_VALIDATION = 30
 
 
-# ---------------------------------------------------------------------------------------------- checks
-def check_safe_name(value: str, flag: str) -> None:
-    """File names built from --name / --date must stay inside the output folders."""
-    if not value and flag == "--name":
-        raise OptionsError("--name is empty. Give the experiment a name, e.g. --name LGKD.")
-    bad = ("/" in value) or ("\\" in value) or ("\x00" in value) or value in (".", "..") or ".." in value
-    if bad:
-        raise OptionsError(
-            f"{flag} {value!r} contains a path separator or '..'. It is used to build file names inside "
-            f"--checkpoint, --logdir and --results_dir and must not point outside them; use a plain name "
-            "such as LGKD_run1."
-        )
-
-
-def ensure_writable(directory: Path, flag: str) -> None:
-    """Create ``directory`` and check that a file can be written in it (an anonymous temporary file, so
-    nothing is left behind even if the process is killed right then)."""
+# ---------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    """``python run.py ...``: 0 on success (or nothing to do), 2 for bad input or an output that cannot be
+    written (UserError), 3 when training diverged, 128 + N when stopped by signal N (130 Ctrl-C, 143
+    SIGTERM)."""
+    opts, explicit = parse_command_line(argv)
+    progress = RunProgress()
+    # Signal handlers can only be installed from the main thread (a caller may run main() elsewhere).
+    previous = install_stop_handlers() if threading.current_thread() is threading.main_thread() else None
+    finished = False
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as err:
-        raise OptionsError(
-            f"Cannot write to {directory} ({flag}): {describe_os_error(err)}. Choose a writable folder with "
-            f"{flag} or fix its permissions."
-        ) from None
+        validate_options(opts, explicit)
+        run_step(opts, progress)
+        finished = True
+    except StopRequested as stop:
+        return report_stop(stop.signum, progress)
+    except (UserError, TrainingError) as err:
+        if received_signal() is not None:
+            return report_stop(received_signal(), progress)
+        # One paragraph naming the problem and the fix, no traceback; printed once, by rank 0.
+        if is_rank0():
+            print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except BaseException:
+        # Anything raised while a stop signal unwinds the run (a DataLoader worker killed by the same
+        # SIGTERM, a collective whose peer left) is the stop, not a bug to report.
+        if received_signal() is not None:
+            return report_stop(received_signal(), progress)
+        raise
+    finally:
+        with contextlib.suppress(StopRequested):
+            dist_utils.cleanup(synchronize=finished)
+        if previous is not None:
+            restore_handlers(previous)
+    return 0
 
 
-def _not_a_file(path: Path, flag: str) -> str | None:
-    if path.is_dir():
-        return f"{flag} {path} is a directory, not a checkpoint file: pass the .pth file itself."
-    if not path.is_file():
-        return f"{flag} {path} does not exist."
-    return None
+def report_stop(signum: int, progress: RunProgress) -> int:
+    if is_rank0():
+        print(stop_message(signum, progress), file=sys.stderr, flush=True)
+    return 128 + signum
 
 
-def preflight(opts: Any) -> None:
-    """Checks that need no data and no model, so bad input fails in a second and writes nothing."""
-    check_safe_name(opts.name, "--name")
-    check_safe_name(opts.date, "--date")
+def is_rank0() -> bool:
+    return dist_utils.get_rank() == 0 if dist_utils.is_dist_avail_and_initialized() else launch_rank() == 0
+
+
+def run_step(opts: Any, progress: RunProgress | None = None) -> None:
+    """Check every input (options, names, checkpoints) before any work, then run or skip the step.
+
+    Order: options and paths (:func:`resume.preflight`), then the step lock and the checkpoint files
+    (:func:`resume.inspect_checkpoints`, against models on the meta device), and only then the data set
+    (whose first scan can take minutes), the models, the outputs and the training.
+    """
+    progress = progress or RunProgress()
+    progress.epochs = opts.epochs
     if opts.test:
-        path = Path(opts.ckpt) if opts.ckpt else step_checkpoint_path(opts, opts.step)
-        problem = _not_a_file(path, "--ckpt" if opts.ckpt else "The checkpoint of this step,")
-        if problem:
-            raise CheckpointError(
-                f"--test needs the checkpoint to evaluate: {problem} Pass it with --ckpt (e.g. a released "
-                "model such as 15-x-voc.pth) or train the step first."
+        progress.phase = "evaluation"
+    preflight(opts)
+    with step_guard(opts):
+        plan = inspect_checkpoints(opts, planned_world_size())
+        if plan.finished:
+            if skip_finished_step(opts, plan):
+                return
+            # Finished, but its row is missing and the file holds no score: evaluate it to write the row.
+            opts = argparse.Namespace(
+                **{**vars(opts), "test": True, "ckpt": str(step_checkpoint_path(opts, opts.step))}
             )
-    elif opts.ckpt is not None:
-        problem = _not_a_file(Path(opts.ckpt), "--ckpt")
-        if problem:
-            raise CheckpointError(
-                f"{problem} When training, --ckpt names a checkpoint to resume this step from (it must "
-                "exist; an interrupted step resumes by itself from its _last.pth without --ckpt). To start "
-                f"step {opts.step} from the previous step's model use --step_ckpt; to evaluate a model use "
-                "--test --ckpt FILE."
-            )
-    if not opts.test and opts.step > 0 and not opts.debug:
-        path = previous_step_path(opts)
-        if path.is_dir():
-            raise CheckpointError(
-                f"--step_ckpt {path} is a directory, not a checkpoint file: pass the previous step's .pth "
-                "file."
-            )
-        if not path.is_file():
-            raise CheckpointError(
-                f"Step {opts.step} starts from the model of step {opts.step - 1}, but {path} does not exist. "
-                f"Run step {opts.step - 1} first with the same --name, --task and --checkpoint, or point "
-                "--step_ckpt to the previous step's checkpoint (e.g. a released step-0 model)."
-            )
-    if not (Path(opts.data_root).is_dir()):
-        raise DatasetError(
-            f"--data_root {opts.data_root} does not exist. Point it to the folder that holds the dataset "
-            "(VOC: the folder containing PascalVOC2012/, see data/download_voc.sh; ADE: the folder "
-            "containing ADEChallengeData2016/, see data/download_ade.sh; S3DIS / ScanNet: the folder "
-            "containing S3DIS/ or ScanNet/, prepared with data/prepare_3d.py; or make a synthetic one with "
-            "python data/make_synthetic.py)."
+            plan = StepPlan(test_model=plan.final, test_path=Path(opts.ckpt), notes=plan.notes)
+            progress.phase = "evaluation"
+        if plan.resume is not None:
+            progress.saved_epoch, progress.resume_path = int(plan.resume["epoch"]), plan.resume_path
+        execute_step(opts, plan, progress)
+
+
+def execute_step(opts: Any, plan: StepPlan, progress: RunProgress) -> None:
+    """Data, models, outputs, then training or evaluation, then the results row."""
+    info = setup_runtime(opts)
+    device = info.device
+    opts.inital_nb_classes = tasks.get_per_task_classes(opts.dataset, opts.task, 0)[0]
+
+    seed_everything(opts.random_seed)
+    bundle = build_datasets(opts)
+    random.seed(opts.random_seed)
+    loaders = build_loaders(opts, bundle, info)
+    if opts.test:
+        model, epoch = load_test_model(opts, device, plan)
+        model_old = trainer_state = None
+    else:
+        model, model_old, trainer_state = build_train_models(opts, device, loaders[0], plan)
+
+    log = open_outputs(opts, info)
+    try:
+        dist_utils.on_main(lambda: write_options(opts, info, plan))
+        for note in plan.notes:
+            log.info(f"[!] {note}")
+        log_setup(opts, info, bundle, log)
+        # Point clouds: a (B, N) label batch is B samples.
+        metrics = StreamSegMetrics(
+            bundle.n_classes, device=device, sample_ndim=1 if is_point_cloud(opts) else 2
         )
-    check_name_lengths(opts)
+        if opts.test:
+            log.info(f"*** Model restored from {plan.test_path} (epoch {epoch})")
+            trainer = Trainer(model, None, device, opts, None, None, opts.step)
+            progress.phase = "evaluation"
+            _, score, _ = trainer.validate(loaders[1], metrics)
+            best_epoch = epoch
+        else:
+            score, best_epoch = train_step(
+                opts, info, model, model_old, trainer_state, loaders, metrics, log, plan, progress
+            )
+            progress.phase = "finishing"
+        finish_step(opts, score, best_epoch, log)
+        if not opts.test:
+            # Only now is the step finished: the resumable state goes once the row is written.
+            dist_utils.on_main(lambda: remove_resumable_state(opts, log))
+    except StopRequested as stop:
+        log.to_file(stop_message(stop.signum, progress))
+        raise
+    finally:
+        log.close()
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -209,8 +281,8 @@ def build_loaders(opts: Any, bundle: Any, info: dist_utils.DistInfo) -> tuple[Da
             "run. Lower --batch_size, use fewer processes, or use more data."
         )
     pin = info.device.type == "cuda"
-    # Reference behaviour (§4.7): DistributedSampler (seed 0, set_epoch each epoch) also with one process,
-    # so the shuffling order of a one-process run matches the reference's world-size-1 run.
+    # Reference behaviour (LGKD run.py run_step): DistributedSampler (seed 0, set_epoch each epoch) also with
+    # one process, so the shuffling order of a one-process run matches the reference's world-size-1 run.
     train_sampler = DistributedSampler(bundle.train, num_replicas=world, rank=info.rank)
     train_loader = DataLoader(
         bundle.train,
@@ -221,7 +293,7 @@ def build_loaders(opts: Any, bundle: Any, info: dist_utils.DistInfo) -> tuple[Da
         pin_memory=pin,
         persistent_workers=opts.num_workers > 0,
     )
-    # Q8 fixed: every test image is evaluated exactly once whatever the number of processes.
+    # RN-08: every test image is evaluated exactly once whatever the number of processes.
     test_loader = DataLoader(
         bundle.test,
         batch_size=opts.batch_size if opts.crop_val else 1,
@@ -232,17 +304,40 @@ def build_loaders(opts: Any, bundle: Any, info: dist_utils.DistInfo) -> tuple[Da
     return train_loader, test_loader
 
 
+def open_outputs(opts: Any, info: dist_utils.DistInfo) -> Logger:
+    """Everything was checked: only now create the output folders (rank 0) and the logger."""
+    if dist_utils.is_main_process():
+        folders = [(Path(opts.results_dir), "--results_dir"), (log_directory(opts), "--logdir")]
+        if not opts.test:
+            folders.insert(0, (Path(opts.checkpoint), "--checkpoint"))
+        for directory, flag in folders:
+            ensure_writable(directory, flag)
+    dist_utils.barrier()
+    return Logger(
+        log_directory(opts), rank=info.rank, debug=opts.debug, summary=opts.visualize, step=opts.step
+    )
+
+
+# ---------------------------------------------------------------------------------------------- models
 def build_model(opts: Any, step: int, device: torch.device, pretrained: bool = True) -> nn.Module:
+    """The model of ``step`` (its classifiers up to that step) on ``device``, in the layout the Trainer
+    gives its image batches (``--memory_format``).
+
+    Args:
+        pretrained: load the ImageNet backbone weights unless ``--no_pretrained`` (False: never, for a
+            model whose every weight comes from a checkpoint).
+    """
     classes = tasks.get_per_task_classes(opts.dataset, opts.task, step)
     model_opts = opts if pretrained else argparse.Namespace(**{**vars(opts), "no_pretrained": True})
     model = make_model(model_opts, classes=classes).to(device)
-    if device.type == "cuda" and opts.memory_format in ("auto", "channels_last"):
+    if wants_channels_last(opts, device):
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
 def build_optimizer(opts: Any, model: nn.Module, *, fused: bool | None = None) -> torch.optim.Optimizer:
-    """Param groups of §6: backbone (unless --freeze), head, classifiers (old ones at lr_old x lr).
+    """The reference's param groups (LGKD ``run.py`` ``run_step``): backbone (unless --freeze), head,
+    classifiers (old ones at lr_old x lr).
 
     SGD with Nesterov momentum (the reference), or Adam with ``--optimizer adam`` (3DPC-CISS, the default
     for point clouds) on the same groups.
@@ -302,17 +397,20 @@ def zero_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
             optimizer.state[param].setdefault("momentum_buffer", torch.zeros_like(param))
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a saved optimizer state but keep this run's kernel choice (``fused``/``foreach``).
-
-    ``Optimizer.load_state_dict`` restores every saved group option, the implementation switches
-    included: an fp16 checkpoint (fused SGD) resumed in fp32 would switch to the fused kernel, and the
-    reverse would hand the GradScaler's device flags to a step that cannot take them.
-    """
-    kernels = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, chosen in zip(optimizer.param_groups, kernels):
-        group.update(chosen)
+def build_train_models(
+    opts: Any, device: torch.device, train_loader: DataLoader, plan: StepPlan
+) -> tuple[nn.Module, nn.Module | None, dict | None]:
+    model = build_model(opts, opts.step, device)
+    if opts.fix_bn:
+        model.fix_bn()
+    if opts.step == 0:
+        return model, None, None
+    model_old = build_model(opts, opts.step - 1, device, pretrained=False)
+    trainer_state = load_previous_step(opts, model, model_old, train_loader, device, plan.previous)
+    # The old model is frozen for good: eval mode (running statistics), no gradients, never DDP-wrapped.
+    model_old.requires_grad_(False)
+    model_old.eval()
+    return model, model_old, trainer_state
 
 
 def load_previous_step(
@@ -323,9 +421,10 @@ def load_previous_step(
     device: torch.device,
     checkpoint: Mapping[str, Any] | None,
 ) -> dict | None:
-    """Load step t-1 into the new model (non-strict, then balanced init) and the frozen old model (§7.2).
+    """Load step t-1 into the new model (non-strict, then balanced init) and the frozen old model (LGKD
+    ``run.py`` ``run_step``).
 
-    ``checkpoint`` was loaded and checked by :func:`utils.resume.inspect_checkpoints` (None: missing, which
+    ``checkpoint`` was loaded and checked by :func:`resume.inspect_checkpoints` (None: missing, which
     only ``--debug`` allows).
     """
     if checkpoint is None:
@@ -340,137 +439,173 @@ def load_previous_step(
     return checkpoint.get("trainer_state")
 
 
-# ---------------------------------------------------------------------------------------------- state
-def plain_score(score: dict) -> dict:
-    """Score dict without the matrix, with python numbers (checkpoints are loaded with weights_only)."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, np.generic):
-            return v.item()
-        return v
-
-    return {k: plain(v) for k, v in score.items() if k != "Confusion Matrix"}
+def load_test_model(opts: Any, device: torch.device, plan: StepPlan) -> tuple[nn.Module, int]:
+    """--test: the model of this step with the checked checkpoint of the plan loaded (LGKD ``run.py``
+    ``run_step``, test mode)."""
+    model = build_model(opts, opts.step, device, pretrained=False)
+    checkpoint = plan.test_model or {}
+    load_model_state(model, checkpoint["model_state"], strict=True, source=str(plan.test_path))
+    with loading_entry(str(plan.test_path), "epoch"):
+        epoch = int(checkpoint.get("epoch", 0))
+    return model, epoch
 
 
-def rng_state() -> dict:
-    """Every generator a resumed run needs, as plain python (gathered across ranks, weights_only-safe)."""
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "torch": torch.get_rng_state().tolist(),
-        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(_to_tuple(state["python"]))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-def _to_tuple(x: Any) -> Any:
-    return tuple(_to_tuple(v) for v in x) if isinstance(x, list | tuple) else x
-
-
-class StepState:
-    """What the epoch loop tracks and a resumed run restores (§7.3, §7.4).
-
-    ``provenance`` goes into every checkpoint of the run: the resolved options, the number of processes,
-    the run's identifier and the identity of the previous step's model (see utils/resume.py).
-    """
-
-    def __init__(self) -> None:
-        self.start_epoch = 0
-        self.best_score = -math.inf  # Q23 fixed: a first validation with mIoU 0 is still saved
-        self.best_epoch = 0
-        self.test_scores: dict[int, dict] = {}
-        self.provenance: dict[str, Any] = {}
-
-
-def checkpoint_dict(
-    model: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    trainer: Trainer,
-    epoch: int,
-    best_score: float,
-    provenance: Mapping[str, Any] | None = None,
-) -> dict:
-    """The reference format (§10.2) with ``module.``-prefixed keys, plus the AMP scaler state and this
-    run's ``provenance`` (extra top-level entries, which the reference's loading ignores)."""
-    return {
-        "epoch": epoch,
-        "model_state": {f"module.{k}": v for k, v in model.state_dict().items()},
-        "optimizer_state": optimizer.state_dict(),
-        "scheduler_state": scheduler.state_dict(),
-        "best_score": float(best_score),
-        "trainer_state": trainer.state_dict(),
-        "scaler_state": trainer.scaler.state_dict(),
-        **(provenance or {}),
-    }
-
-
-def make_provenance(opts: Any, world_size: int, plan: StepPlan) -> dict[str, Any]:
-    """The entries that let a later run tell whether a checkpoint is the result of the same training."""
-    resumed_id = plan.resume.get("run_id") if plan.resume is not None else None
-    return {
-        "options": stored_options(opts),
-        "world_size": world_size,
-        # A resumed run continues the same training: it keeps the identifier.
-        "run_id": resumed_id if isinstance(resumed_id, str) else uuid.uuid4().hex,
-        "previous_step": plan.previous_identity,
-    }
-
-
-def resume(
+# ---------------------------------------------------------------------------------------------- training
+def train_step(
     opts: Any,
+    info: dist_utils.DistInfo,
     model: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    trainer: Trainer,
+    model_old: nn.Module | None,
+    trainer_state: dict | None,
+    loaders: tuple[DataLoader, DataLoader],
+    metrics: StreamSegMetrics,
     log: Logger,
     plan: StepPlan,
-) -> tuple[StepState, dict | None]:
-    """Resume from --ckpt (reference) or, automatically, from this step's last finished epoch.
+    progress: RunProgress,
+) -> tuple[dict, int]:
+    """Optimizer, scheduler and Trainer, the resumed state if any, then :func:`fit`; returns the step's
+    score and its best epoch."""
+    device = info.device
+    optimizer = build_optimizer(opts, model)
+    scheduler = build_scheduler(opts, optimizer, max_iters=opts.epochs * len(loaders[0]))
+    wrapped = model
+    if info.world_size > 1:
+        wrapped = DistributedDataParallel(
+            model, device_ids=[info.local_rank] if device.type == "cuda" else None
+        )
+    classes = tasks.get_per_task_classes(opts.dataset, opts.task, opts.step)
+    # The previous step's trainer_state (regulariser importances) is read while the Trainer is built.
+    source = str(previous_step_path(opts)) if opts.step > 0 else "the previous step's checkpoint"
+    with loading_entry(source, "trainer_state") if trainer_state is not None else contextlib.nullcontext():
+        trainer = Trainer(wrapped, model_old, device, opts, trainer_state, classes, opts.step)
+    state, saved_rng = restore_state(opts, model, optimizer, scheduler, trainer, log, plan)
+    state.provenance = make_provenance(opts, info.world_size, plan)
+    plan.resume = plan.previous = None  # loaded into the models: free the checkpoints' memory
+    log.add_table("Opts", vars(opts))
+    # Reference behaviour (LGKD run.py run_step): one torch random number is drawn (and printed) here.
+    log.debug(f"Random draw {torch.randint(0, 100, (1, 1)).item()}")
+    trainer.before(loaders[0])
+    if saved_rng is not None and len(saved_rng) == info.world_size:
+        with loading_entry(str(plan.resume_path), "rng_state"):
+            set_rng_state(saved_rng[info.rank])
 
-    The checkpoint was chosen, loaded and checked by :func:`utils.resume.inspect_checkpoints`; an entry
-    that still does not load (written by other code) is a CheckpointError naming the file and the entry.
-    """
-    state = StepState()
-    checkpoint, path = plan.resume, plan.resume_path
-    if checkpoint is None:
-        return state, None
-    source = str(path)
-    load_model_state(model, checkpoint["model_state"], strict=True, source=source)
-    with loading_entry(source, "optimizer_state"):
-        load_optimizer_state(optimizer, checkpoint["optimizer_state"])
-    check_same_layout(scheduler.state_dict(), checkpoint["scheduler_state"], source, "scheduler_state")
-    with loading_entry(source, "scheduler_state"):
-        scheduler.load_state_dict(checkpoint["scheduler_state"])
-    if checkpoint.get("scaler_state"):
-        with loading_entry(source, "scaler_state"):
-            trainer.scaler.load_state_dict(checkpoint["scaler_state"])
-    if checkpoint.get("trainer_state"):
-        with loading_entry(source, "trainer_state"):
-            trainer.load_state_dict(checkpoint["trainer_state"])
-    with loading_entry(source, "epoch / best_score / test_scores"):
-        state.start_epoch = state.best_epoch = int(checkpoint["epoch"])
-        state.best_score = float(checkpoint.get("best_score", -math.inf))
-        state.best_epoch = int(checkpoint.get("best_epoch", state.best_epoch))
-        state.test_scores = {int(k): v for k, v in checkpoint.get("test_scores", {}).items()}
-    log.info(f"[!] Resuming step {opts.step} from {path} at epoch {state.start_epoch}/{opts.epochs}")
-    return state, checkpoint.get("rng_state")
+    score = fit(opts, trainer, model, optimizer, scheduler, loaders, metrics, state, log, progress)
+    return score, state.best_epoch
 
 
-# ---------------------------------------------------------------------------------------------- loops
 def should_validate(epoch_done: int, val_interval: int, epochs: int) -> bool:
     return (epoch_done % val_interval == 0 and epoch_done >= MIN_EPOCH_FOR_VALIDATION) or epoch_done == epochs
+
+
+def fit(
+    opts: Any,
+    trainer: Trainer,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loaders: tuple[DataLoader, DataLoader],
+    metrics: StreamSegMetrics,
+    state: StepState,
+    log: Logger,
+    progress: RunProgress,
+) -> dict:
+    """The epoch loop with the reference's validation cadence and best-mIoU checkpoint (LGKD ``run.py``
+    ``run_step``; RN-01).
+
+    The resumable state is on disk from the start (``_last.pth`` at ``state.start_epoch``, unless this run
+    resumed from it): a full disk shows before the first epoch, and a step whose ``.pth`` exists without a
+    ``_last.pth`` is always a finished one.
+    """
+    train_loader, test_loader = loaders
+    best_path, last_path = step_checkpoint_path(opts, opts.step), last_epoch_checkpoint_path(opts)
+    sample_ids = sample_batch_ids(opts, len(test_loader))
+    progress.epochs, progress.iterations = opts.epochs, len(train_loader)
+    counted_loader = CountingIterable(train_loader, progress)
+    if state.start_epoch < opts.epochs and not same_file(progress.resume_path, last_path):
+        progress.phase = "saving"
+        save_last_epoch(
+            opts, model, optimizer, scheduler, trainer, state.start_epoch, state, last_path, progress
+        )
+    for epoch in range(state.start_epoch, opts.epochs):
+        progress.phase, progress.epoch = "training", epoch
+        class_loss, reg_loss = trainer.train(epoch, optimizer, counted_loader, scheduler, logger=log)
+        log.info(
+            f"End of Epoch {epoch}/{opts.epochs}, Average Loss={class_loss + reg_loss}, "
+            f"Class Loss={class_loss}, Reg Loss={reg_loss}"
+        )
+        log.add_scalar("E-Loss", class_loss + reg_loss, epoch)
+        log.add_scalar("E-Loss-reg", reg_loss, epoch)
+        log.add_scalar("E-Loss-cls", class_loss, epoch)
+        if should_validate(epoch + 1, opts.val_interval, opts.epochs):
+            progress.phase = "validation"
+            val_loss, score, samples = trainer.validate(test_loader, metrics, sample_ids)
+            log_validation(log, opts, epoch, val_loss, score, samples)
+            state.test_scores[epoch + 1] = plain_score(score)
+            if score["Mean IoU"] > state.best_score:
+                state.best_score, state.best_epoch = float(score["Mean IoU"]), epoch + 1
+                progress.phase = "saving"
+                save_best_checkpoint(model, optimizer, scheduler, trainer, state, best_path, progress)
+                log.info(f"[!] Checkpoint saved: {best_path}")
+            log.info(f"Current best epoch {state.best_epoch}, best score {state.best_score}")
+        progress.phase = "saving"
+        save_last_epoch(opts, model, optimizer, scheduler, trainer, epoch + 1, state, last_path, progress)
+    progress.phase = "validation"
+    return final_score(trainer, model, test_loader, metrics, state, best_path)
+
+
+def final_score(
+    trainer: Trainer,
+    model: nn.Module,
+    test_loader: DataLoader,
+    metrics: StreamSegMetrics,
+    state: StepState,
+    best_path: Path,
+) -> dict:
+    """The best validated epoch's score (reference: no reload, no extra test pass)."""
+    if state.best_epoch in state.test_scores:
+        return state.test_scores[state.best_epoch]
+    # RN-23: resuming a finished step whose best score is not recorded re-evaluates the best model.
+    if best_path.is_file():
+        best = load_model_file(best_path, "Pass --no_resume to train the step again and replace it.")
+        load_model_state(model, best["model_state"], strict=True, source=str(best_path))
+    _, score, _ = trainer.validate(test_loader, metrics)
+    return plain_score(score)
+
+
+# ---------------------------------------------------------------------------------------------- logging
+def finish_step(opts: Any, score: Mapping[str, Any], best_epoch: int, log: Logger) -> None:
+    """End-of-step logging and the results CSV row, rank 0 (LGKD ``run.py`` ``run_step`` and ``main``)."""
+    log.info(StreamSegMetrics.to_str(score))
+    log.add_table("Test_Class_IoU", score["Class IoU"])
+    log.add_table("Test_Class_Acc", score["Class Acc"])
+    if "Confusion Matrix" in score:
+        log.add_figure("Test_Confusion_Matrix", confusion_matrix_to_fig(score["Confusion Matrix"]))
+    log.add_results(
+        {"T-IoU": score["Class IoU"], "T-Acc": score["Class Acc"]},
+        tag=f"Results/{opts.step}(epoch {best_epoch})",
+    )
+    log.add_scalar("T_Overall_Acc", score["Overall Acc"], opts.step)
+    log.add_scalar("T_MeanIoU", score["Mean IoU"], opts.step)
+    log.add_scalar("T_MeanAcc", score["Mean Acc"], opts.step)
+    dist_utils.on_main(lambda: write_row(opts, score))
+    log.info(f"Results row of step {opts.step} written to {results_path(opts)}")
+
+
+def log_setup(opts: Any, info: dist_utils.DistInfo, bundle: Any, log: Logger) -> None:
+    log.info(
+        f"Training step {opts.step} with lr {opts.lr}." if not opts.test else f"Testing step {opts.step}."
+    )
+    if info.device.type == "cpu" and opts.opt_level != "O0":
+        log.info(f"--opt_level {opts.opt_level}: mixed precision needs CUDA; this CPU run uses fp32.")
+    elif opts.opt_level in ("O2", "O3"):
+        log.info(f"--opt_level {opts.opt_level} is approximated by autocast (no apex fp16 master weights).")
+    log.info(
+        f"Dataset: {opts.dataset}, Train set: {len(bundle.train)}, Val set: {len(bundle.val)}, "
+        f"Test set: {len(bundle.test)}, n_classes {bundle.n_classes}"
+    )
+    log.info(f"Total batch size is {opts.batch_size * info.world_size}")
+    if opts.step > 0 and not opts.test:
+        log.info(f"[!] Previous model loaded from {previous_step_path(opts)}")
 
 
 def log_validation(log: Logger, opts: Any, epoch: int, val_loss: tuple, score: dict, samples: list) -> None:
@@ -508,493 +643,11 @@ def write_samples(log: Logger, opts: Any, samples: list, epoch: int) -> None:
     log.add_image("Samples", grid.transpose(2, 0, 1), epoch)
 
 
-T = TypeVar("T")
-
-
-def on_main(fn: Callable[[], T]) -> T | None:
-    """Run ``fn`` on rank 0 only; if it raises a UserError, every rank raises it (the others would otherwise
-    wait in their next collective until the launcher kills them)."""
-    result, error = None, None
-    if dist_utils.is_main_process():
-        try:
-            result = fn()
-        except UserError as err:
-            error = err
-    if dist_utils.get_world_size() > 1:
-        error = dist_utils.broadcast_object(error)
-    if error is not None:
-        raise error
-    return result
-
-
-def resume_hint(progress: RunProgress) -> str:
-    if progress.saved_epoch is None:
-        return "Then rerun the same command: training had not started."
-    return f"Then rerun the same command to resume from epoch {progress.saved_epoch + 1}."
-
-
-def fit(
-    opts: Any,
-    trainer: Trainer,
-    model: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    loaders: tuple[DataLoader, DataLoader],
-    metrics: StreamSegMetrics,
-    state: StepState,
-    log: Logger,
-    progress: RunProgress,
-) -> dict:
-    """The epoch loop with the reference's validation cadence and best-mIoU checkpoint (§7.3, §7.4).
-
-    The resumable state is on disk from the start (``_last.pth`` at ``state.start_epoch``, unless this run
-    resumed from it): a full disk shows before the first epoch, and a step whose ``.pth`` exists without a
-    ``_last.pth`` is always a finished one.
-    """
-    train_loader, test_loader = loaders
-    best_path, last_path = step_checkpoint_path(opts, opts.step), last_epoch_checkpoint_path(opts)
-    sample_ids = sample_batch_ids(opts, len(test_loader))
-    progress.epochs, progress.iterations = opts.epochs, len(train_loader)
-    counted_loader = CountingIterable(train_loader, progress)
-    if state.start_epoch < opts.epochs and not _same_file(progress.resume_path, last_path):
-        progress.phase = "saving"
-        save_last_epoch(
-            opts, model, optimizer, scheduler, trainer, state.start_epoch, state, last_path, progress
-        )
-    for epoch in range(state.start_epoch, opts.epochs):
-        progress.phase, progress.epoch = "training", epoch
-        class_loss, reg_loss = trainer.train(epoch, optimizer, counted_loader, scheduler, logger=log)
-        log.info(
-            f"End of Epoch {epoch}/{opts.epochs}, Average Loss={class_loss + reg_loss}, "
-            f"Class Loss={class_loss}, Reg Loss={reg_loss}"
-        )
-        log.add_scalar("E-Loss", class_loss + reg_loss, epoch)
-        log.add_scalar("E-Loss-reg", reg_loss, epoch)
-        log.add_scalar("E-Loss-cls", class_loss, epoch)
-        if should_validate(epoch + 1, opts.val_interval, opts.epochs):
-            progress.phase = "validation"
-            val_loss, score, samples = trainer.validate(test_loader, metrics, sample_ids)
-            log_validation(log, opts, epoch, val_loss, score, samples)
-            state.test_scores[epoch + 1] = plain_score(score)
-            if score["Mean IoU"] > state.best_score:
-                state.best_score, state.best_epoch = float(score["Mean IoU"]), epoch + 1
-                progress.phase = "saving"
-                save_best_checkpoint(model, optimizer, scheduler, trainer, state, best_path, progress)
-                log.info(f"[!] Checkpoint saved: {best_path}")
-            log.info(f"Current best epoch {state.best_epoch}, best score {state.best_score}")
-        progress.phase = "saving"
-        save_last_epoch(opts, model, optimizer, scheduler, trainer, epoch + 1, state, last_path, progress)
-    progress.phase = "validation"
-    return final_score(opts, trainer, model, test_loader, metrics, state, best_path, log)
-
-
-def save_best_checkpoint(
-    model: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    trainer: Trainer,
-    state: StepState,
-    path: Path,
-    progress: RunProgress,
-) -> None:
-    """The reference's best-mIoU checkpoint (rank 0), with its score, so that a lost results row can be
-    rewritten."""
-    extra = {
-        **state.provenance,
-        "best_epoch": state.best_epoch,
-        "score": state.test_scores[state.best_epoch],
-    }
-    on_main(
-        lambda: save_checkpoint(
-            checkpoint_dict(model, optimizer, scheduler, trainer, state.best_epoch, state.best_score, extra),
-            path,
-            hint=resume_hint(progress),
-        )
-    )
-
-
-def _same_file(a: Path | None, b: Path) -> bool:
-    try:
-        return a is not None and a.resolve() == b.resolve()
-    except OSError:
-        return False
-
-
-def save_last_epoch(
-    opts: Any,
-    model: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    trainer: Trainer,
-    epoch: int,
-    state: StepState,
-    path: Path,
-    progress: RunProgress,
-) -> None:
-    """Write the resumable state after ``epoch`` finished epochs, atomically (every rank's RNG state
-    included); a failed write stops every rank with the path and the cause, the previous file intact."""
-    rng = rng_state()
-    all_rng = [rng]
-    if dist_utils.is_dist_avail_and_initialized():
-        all_rng = [None] * dist_utils.get_world_size()
-        torch.distributed.all_gather_object(all_rng, rng)
-
-    def save() -> None:
-        checkpoint = checkpoint_dict(
-            model, optimizer, scheduler, trainer, epoch, state.best_score, state.provenance
-        )
-        checkpoint.update(
-            best_epoch=state.best_epoch,
-            test_scores=state.test_scores,
-            rng_state=all_rng,
-            world_size=len(all_rng),
-        )
-        save_checkpoint(checkpoint, path, hint=resume_hint(progress))
-
-    on_main(save)
-    progress.saved_epoch, progress.resume_path = epoch, path
-
-
-def final_score(
-    opts: Any,
-    trainer: Trainer,
-    model: nn.Module,
-    test_loader: DataLoader,
-    metrics: StreamSegMetrics,
-    state: StepState,
-    best_path: Path,
-    log: Logger,
-) -> dict:
-    """The best validated epoch's score (reference: no reload, no extra test pass)."""
-    if state.best_epoch in state.test_scores:
-        return state.test_scores[state.best_epoch]
-    # Q23 fixed: resuming a finished step whose best score is not recorded re-evaluates the best model.
-    if best_path.is_file():
-        load_model_state(model, load_checkpoint(best_path)["model_state"], strict=True, source=str(best_path))
-    _, score, _ = trainer.validate(test_loader, metrics)
-    return plain_score(score)
-
-
 def sample_batch_ids(opts: Any, n_batches: int) -> list[int]:
     if not (opts.visualize and opts.sample_num > 0) or n_batches == 0:
         return []
     rng = random.Random(opts.random_seed)
     return sorted(rng.sample(range(n_batches), min(opts.sample_num, n_batches)))
-
-
-def finish_step(opts: Any, score: Mapping[str, Any], best_epoch: int, log: Logger) -> None:
-    """End-of-step logging (§7.6) and the results CSV row (§10.3), rank 0."""
-    log.info(StreamSegMetrics.to_str(score))
-    log.add_table("Test_Class_IoU", score["Class IoU"])
-    log.add_table("Test_Class_Acc", score["Class Acc"])
-    if "Confusion Matrix" in score:
-        log.add_figure("Test_Confusion_Matrix", confusion_matrix_to_fig(score["Confusion Matrix"]))
-    log.add_results(
-        {"T-IoU": score["Class IoU"], "T-Acc": score["Class Acc"]},
-        tag=f"Results/{opts.step}(epoch {best_epoch})",
-    )
-    log.add_scalar("T_Overall_Acc", score["Overall Acc"], opts.step)
-    log.add_scalar("T_MeanIoU", score["Mean IoU"], opts.step)
-    log.add_scalar("T_MeanAcc", score["Mean Acc"], opts.step)
-    on_main(lambda: write_row(opts, score))
-    log.info(f"Results row of step {opts.step} written to {results_path(opts)}")
-
-
-def write_row(opts: Any, score: Mapping[str, Any]) -> None:
-    """The step's results CSV row; a failed write says what is kept and how to write the row later."""
-    try:
-        write_results_row(
-            results_path(opts), opts.step, format_results_row(opts.step, score, opts.num_classes)
-        )
-    except OutputError as err:
-        last = last_epoch_checkpoint_path(opts)
-        if opts.test or not last.is_file():
-            raise OutputError(f"{err} Then rerun the same command: it only writes the row.") from err
-        raise OutputError(
-            f"{err} The trained model is saved in {step_checkpoint_path(opts, opts.step)} and the resumable "
-            f"state {last_epoch_checkpoint_path(opts)} is kept: once fixed, rerun the same command (it only "
-            "writes the row), or evaluate the model with --test, which writes the row too."
-        ) from err
-
-
-# ---------------------------------------------------------------------------------------------- main
-def say(message: str) -> None:
-    """A line before the logger exists (rank 0 of the launch only)."""
-    if launch_rank() == 0:
-        print(f"[LGKD] {message}", flush=True)
-
-
-def run_step(opts: Any, progress: RunProgress | None = None) -> None:
-    """Check every input (options, names, checkpoints) before any work, then run or skip the step.
-
-    Order: options and paths (:func:`preflight`), then the step lock and the checkpoint files
-    (:func:`utils.resume.inspect_checkpoints`, against models on the meta device), and only then the
-    data set (whose first scan can take minutes), the models, the outputs and the training.
-    """
-    progress = progress or RunProgress()
-    progress.epochs = opts.epochs
-    if opts.test:
-        progress.phase = "evaluation"
-    preflight(opts)
-    with step_guard(opts):
-        plan = inspect_checkpoints(opts, planned_world_size())
-        if plan.finished:
-            if skip_finished_step(opts, plan):
-                return
-            # Finished, but its row is missing and the file holds no score: evaluate it to write the row.
-            opts = argparse.Namespace(
-                **{**vars(opts), "test": True, "ckpt": str(step_checkpoint_path(opts, opts.step))}
-            )
-            plan = StepPlan(test_model=plan.final, test_path=Path(opts.ckpt), notes=plan.notes)
-            progress.phase = "evaluation"
-        if plan.resume is not None:
-            progress.saved_epoch, progress.resume_path = int(plan.resume["epoch"]), plan.resume_path
-        execute_step(opts, plan, progress)
-
-
-def skip_finished_step(opts: Any, plan: StepPlan) -> bool:
-    """A finished step does no work: its row is already in the CSV, or is rewritten from the score stored
-    in its checkpoint. False when the row is missing and the checkpoint holds no score."""
-    path, csv = step_checkpoint_path(opts, opts.step), results_path(opts)
-    ckpt = plan.final or {}
-    for note in plan.notes:
-        say(note)
-    done = (
-        f"Step {opts.step} already finished: {path} (epoch {ckpt.get('epoch')}, best mIoU "
-        f"{ckpt.get('best_score')})."
-    )
-    again = f"Pass --no_resume to train step {opts.step} again."
-    if opts.step in results_steps(csv):
-        say(f"{done} Its results row is in {csv}. Nothing to do. {again}")
-        return True
-    score = ckpt.get("score")
-    if isinstance(score, Mapping) and {"Class IoU", "Mean IoU"} <= set(score):
-        if launch_rank() == 0:
-            write_row(opts, score)
-        say(f"{done} Its missing results row was written to {csv} from the checkpoint. {again}")
-        return True
-    say(
-        f"{done} Its results row is missing from {csv} and the checkpoint holds no score (written by the "
-        "reference or an older version): evaluating it to write the row."
-    )
-    return False
-
-
-def execute_step(opts: Any, plan: StepPlan, progress: RunProgress) -> None:
-    """Data, models, outputs, then training or evaluation, then the results row."""
-    info = setup_runtime(opts)
-    device = info.device
-    opts.inital_nb_classes = tasks.get_per_task_classes(opts.dataset, opts.task, 0)[0]
-
-    seed_everything(opts.random_seed)
-    bundle = build_datasets(opts)
-    random.seed(opts.random_seed)
-    loaders = build_loaders(opts, bundle, info)
-    if opts.test:
-        model, epoch = load_test_model(opts, device, plan)
-        model_old = trainer_state = None
-    else:
-        model, model_old, trainer_state = build_train_models(opts, device, loaders[0], plan)
-
-    # Everything was checked: only now create the output folders and the logger.
-    if dist_utils.is_main_process():
-        folders = [(Path(opts.results_dir), "--results_dir"), (log_directory(opts), "--logdir")]
-        if not opts.test:
-            folders.insert(0, (Path(opts.checkpoint), "--checkpoint"))
-        for directory, flag in folders:
-            ensure_writable(directory, flag)
-    dist_utils.barrier()
-    log = Logger(
-        log_directory(opts), rank=info.rank, debug=opts.debug, summary=opts.visualize, step=opts.step
-    )
-    try:
-        on_main(lambda: write_options(opts, info, plan))
-        for note in plan.notes:
-            log.info(f"[!] {note}")
-        log_setup(opts, info, bundle, log)
-        # Point clouds: a (B, N) label batch is B samples.
-        metrics = StreamSegMetrics(
-            bundle.n_classes, device=device, sample_ndim=1 if is_point_cloud(opts) else 2
-        )
-        if opts.test:
-            log.info(f"*** Model restored from {plan.test_path} (epoch {epoch})")
-            trainer = Trainer(model, None, device, opts, None, None, opts.step)
-            progress.phase = "evaluation"
-            _, score, _ = trainer.validate(loaders[1], metrics)
-            best_epoch = epoch
-        else:
-            score, best_epoch = train_step(
-                opts, info, model, model_old, trainer_state, loaders, metrics, log, plan, progress
-            )
-            progress.phase = "finishing"
-        finish_step(opts, score, best_epoch, log)
-        if not opts.test:
-            # Only now is the step finished: the resumable state goes once the row is written.
-            on_main(lambda: remove_resumable_state(opts, log))
-    except StopRequested as stop:
-        log.to_file(stop_message(stop.signum, progress))
-        raise
-    finally:
-        log.close()
-
-
-def write_options(opts: Any, info: dist_utils.DistInfo, plan: StepPlan) -> None:
-    """``opts.json`` (``opts_test.json`` for --test): the resolved options this run used, and under ``run``
-    the number of processes, the device and what it resumed from."""
-    path = options_file(opts)
-    record = {
-        **vars(opts),
-        "run": {
-            "world_size": info.world_size,
-            "device": str(info.device),
-            "resumed_from": str(plan.resume_path) if plan.resume_path else None,
-            "resumed_at_epoch": int(plan.resume["epoch"]) if plan.resume is not None else None,
-            "evaluated": str(plan.test_path) if plan.test_path else None,
-        },
-    }
-    try:
-        save_options(record, path)
-    except OSError as err:
-        raise OutputError(
-            f"Could not write {path}: {describe_os_error(err)}. Nothing was trained yet."
-        ) from err
-
-
-def remove_resumable_state(opts: Any, log: Logger) -> None:
-    path = last_epoch_checkpoint_path(opts)
-    try:
-        path.unlink(missing_ok=True)
-    except OSError as err:
-        log.warning(f"Could not remove {path} ({describe_os_error(err)}); the step is finished anyway.")
-
-
-def log_setup(opts: Any, info: dist_utils.DistInfo, bundle: Any, log: Logger) -> None:
-    log.info(
-        f"Training step {opts.step} with lr {opts.lr}." if not opts.test else f"Testing step {opts.step}."
-    )
-    if info.device.type == "cpu" and opts.opt_level != "O0":
-        log.info(f"--opt_level {opts.opt_level}: mixed precision needs CUDA; this CPU run uses fp32.")
-    elif opts.opt_level in ("O2", "O3"):
-        log.info(f"--opt_level {opts.opt_level} is approximated by autocast (no apex fp16 master weights).")
-    log.info(
-        f"Dataset: {opts.dataset}, Train set: {len(bundle.train)}, Val set: {len(bundle.val)}, "
-        f"Test set: {len(bundle.test)}, n_classes {bundle.n_classes}"
-    )
-    log.info(f"Total batch size is {opts.batch_size * info.world_size}")
-    if opts.step > 0 and not opts.test:
-        log.info(f"[!] Previous model loaded from {previous_step_path(opts)}")
-
-
-def build_train_models(
-    opts: Any, device: torch.device, train_loader: DataLoader, plan: StepPlan
-) -> tuple[nn.Module, nn.Module | None, dict | None]:
-    model = build_model(opts, opts.step, device)
-    if opts.fix_bn:
-        model.fix_bn()
-    if opts.step == 0:
-        return model, None, None
-    model_old = build_model(opts, opts.step - 1, device, pretrained=False)
-    trainer_state = load_previous_step(opts, model, model_old, train_loader, device, plan.previous)
-    # The old model is frozen for good: eval mode (running statistics), no gradients, never DDP-wrapped.
-    model_old.requires_grad_(False)
-    model_old.eval()
-    return model, model_old, trainer_state
-
-
-def train_step(
-    opts: Any,
-    info: dist_utils.DistInfo,
-    model: nn.Module,
-    model_old: nn.Module | None,
-    trainer_state: dict | None,
-    loaders: tuple[DataLoader, DataLoader],
-    metrics: StreamSegMetrics,
-    log: Logger,
-    plan: StepPlan,
-    progress: RunProgress,
-) -> tuple[dict, int]:
-    device = info.device
-    optimizer = build_optimizer(opts, model)
-    scheduler = build_scheduler(opts, optimizer, max_iters=opts.epochs * len(loaders[0]))
-    wrapped = model
-    if info.world_size > 1:
-        wrapped = DistributedDataParallel(
-            model, device_ids=[info.local_rank] if device.type == "cuda" else None
-        )
-    classes = tasks.get_per_task_classes(opts.dataset, opts.task, opts.step)
-    # The previous step's trainer_state (regulariser importances) is read while the Trainer is built.
-    source = str(previous_step_path(opts)) if opts.step > 0 else "the previous step's checkpoint"
-    with loading_entry(source, "trainer_state") if trainer_state is not None else contextlib.nullcontext():
-        trainer = Trainer(wrapped, model_old, device, opts, trainer_state, classes, opts.step)
-    state, saved_rng = resume(opts, model, optimizer, scheduler, trainer, log, plan)
-    state.provenance = make_provenance(opts, info.world_size, plan)
-    plan.resume = plan.previous = None  # loaded into the models: free the checkpoints' memory
-    log.add_table("Opts", vars(opts))
-    # Reference behaviour (§7.2 step 8): the reference draws (and prints) one torch random number here.
-    log.debug(f"Random draw {torch.randint(0, 100, (1, 1)).item()}")
-    trainer.before(loaders[0])
-    if saved_rng is not None and len(saved_rng) == info.world_size:
-        with loading_entry(str(plan.resume_path), "rng_state"):
-            set_rng_state(saved_rng[info.rank])
-
-    score = fit(opts, trainer, model, optimizer, scheduler, loaders, metrics, state, log, progress)
-    return score, state.best_epoch
-
-
-def load_test_model(opts: Any, device: torch.device, plan: StepPlan) -> tuple[nn.Module, int]:
-    """--test: the model of this step with the checked checkpoint of the plan loaded (§7.5)."""
-    model = build_model(opts, opts.step, device, pretrained=False)
-    checkpoint = plan.test_model or {}
-    load_model_state(model, checkpoint["model_state"], strict=True, source=str(plan.test_path))
-    with loading_entry(str(plan.test_path), "epoch"):
-        epoch = int(checkpoint.get("epoch", 0))
-    return model, epoch
-
-
-def is_rank0() -> bool:
-    return dist_utils.get_rank() == 0 if dist_utils.is_dist_avail_and_initialized() else launch_rank() == 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python run.py ...``: 0 on success (or nothing to do), 2 for bad input or an output that cannot be
-    written (UserError), 3 when training diverged, 128 + N when stopped by signal N (130 Ctrl-C, 143
-    SIGTERM)."""
-    opts, explicit = parse_command_line(argv)
-    progress = RunProgress()
-    # Signal handlers can only be installed from the main thread (a caller may run main() elsewhere).
-    previous = install_stop_handlers() if threading.current_thread() is threading.main_thread() else None
-    finished = False
-    try:
-        validate_options(opts, explicit)
-        run_step(opts, progress)
-        finished = True
-    except StopRequested as stop:
-        return report_stop(stop.signum, progress)
-    except (UserError, TrainingError) as err:
-        if received_signal() is not None:
-            return report_stop(received_signal(), progress)
-        # One paragraph naming the problem and the fix, no traceback; printed once, by rank 0.
-        if is_rank0():
-            print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except BaseException:
-        # Anything raised while a stop signal unwinds the run (a DataLoader worker killed by the same
-        # SIGTERM, a collective whose peer left) is the stop, not a bug to report.
-        if received_signal() is not None:
-            return report_stop(received_signal(), progress)
-        raise
-    finally:
-        with contextlib.suppress(StopRequested):
-            dist_utils.cleanup(synchronize=finished)
-        if previous is not None:
-            restore_handlers(previous)
-    return 0
-
-
-def report_stop(signum: int, progress: RunProgress) -> int:
-    if is_rank0():
-        print(stop_message(signum, progress), file=sys.stderr, flush=True)
-    return 128 + signum
 
 
 if __name__ == "__main__":

@@ -39,8 +39,12 @@ logger = get_logger("segmentation_module")
 
 HEAD_CHANNELS = 256
 NORM_ACTS = ("iabn_sync", "iabn", "abn", "std", "iabn_sync_test")
+ABN_IMPLS = ("torch", "inplace_abn")
 MULTIMODAL_FUSIONS = ("sum", "mean", "max", "softmax")
-MULTIMODAL_INITS = ("max", "softmax", "max_remove", "softmax_remove")
+#: The reference's --init_multimodal choices, accepted by the parser so that its command lines parse.
+REFERENCE_MULTIMODAL_INITS = ("max", "softmax", "max_init", "softmax_init", "softmax_remove", "max_remove")
+#: The --init_multimodal values that work (the reference's *_init variants crash, RN-21).
+MULTIMODAL_INITS = tuple(init for init in REFERENCE_MULTIMODAL_INITS if not init.endswith("_init"))
 ALIGN_TYPES = ("old", "background", "all")
 # Reference behaviour (``IncrementalSegmentationModule.__init__``): Cityscapes-as-domains keeps one 19-way
 # classifier at every step.
@@ -49,6 +53,35 @@ CITYSCAPES_CLASSES = 19
 # (B, C, N) per-point logits of point clouds, (B, C, H, W) maps of images.
 _CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d}
 _CONV_FNS: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d}
+
+
+def check_multimodal_fusion(fusion: str) -> None:
+    """Refuse an unknown ``--multimodal_fusion`` (how the background modes are fused into one logit)."""
+    if fusion not in MULTIMODAL_FUSIONS:
+        raise OptionsError(
+            f"Unknown --multimodal_fusion {fusion!r}: choose one of {', '.join(MULTIMODAL_FUSIONS)}."
+        )
+
+
+def check_multimodal_init(init_type: str) -> None:
+    """Refuse an ``--init_multimodal`` that does not work (RN-21: the reference's *_init variants crash)."""
+    if init_type not in MULTIMODAL_INITS:
+        raise OptionsError(
+            f"--init_multimodal {init_type!r} is not supported: choose one of "
+            f"{', '.join(MULTIMODAL_INITS)} (the reference's *_init variants crash, RN-21)."
+        )
+
+
+def check_model_options(opts: argparse.Namespace) -> None:
+    """The model options that cannot work, refused before any work (``argparser.validate_options``); the
+    model applies the same checks when it is built.
+
+    Raises:
+        OptionsError: an ``--init_multimodal`` that does not work, an unknown ``--multimodal_fusion``.
+    """
+    if getattr(opts, "init_multimodal", None) is not None:
+        check_multimodal_init(opts.init_multimodal)
+    check_multimodal_fusion(getattr(opts, "multimodal_fusion", "sum"))
 
 
 def build_norm_act(
@@ -73,8 +106,8 @@ def build_norm_act(
     """
     if norm_act not in NORM_ACTS:
         raise OptionsError(f"Unknown --norm_act {norm_act!r}: choose one of {', '.join(NORM_ACTS)}.")
-    if abn_impl not in ("torch", "inplace_abn"):
-        raise OptionsError(f"Unknown --abn_impl {abn_impl!r}: choose torch or inplace_abn.")
+    if abn_impl not in ABN_IMPLS:
+        raise OptionsError(f"Unknown --abn_impl {abn_impl!r}: choose {' or '.join(ABN_IMPLS)}.")
     # RN-12: the reference built BatchNorm2d for iabn_sync_test (and crashed); it is plain iabn_sync here.
     kind = "iabn_sync" if norm_act == "iabn_sync_test" else norm_act
     act = {"activation": "leaky_relu", "activation_param": 0.01}
@@ -250,11 +283,7 @@ class IncrementalSegmentationModule(nn.Module):
             raise ValueError(
                 f"classes must be a non-empty list of positive class counts, got {list(classes)}"
             )
-        if multimodal_fusion not in MULTIMODAL_FUSIONS:
-            raise OptionsError(
-                f"Unknown --multimodal_fusion {multimodal_fusion!r}: choose one of "
-                f"{', '.join(MULTIMODAL_FUSIONS)}."
-            )
+        check_multimodal_fusion(multimodal_fusion)
         if nb_background_modes < 1:
             raise OptionsError(f"--nb_background_modes must be at least 1, got {nb_background_modes}.")
         self.body = body
@@ -416,12 +445,7 @@ class IncrementalSegmentationModule(nn.Module):
         The pass runs in the model's current mode: in training mode BN running statistics are updated, as in
         the reference.
         """
-        if init_type not in MULTIMODAL_INITS:
-            raise OptionsError(
-                f"--init_multimodal {init_type!r} is not supported: choose one of "
-                f"{', '.join(MULTIMODAL_INITS)} (the reference's *_init variants crash; "
-                "docs/reference-notes.md RN-21)."
-            )
+        check_multimodal_init(init_type)
         if self.nb_background_modes < 2:
             raise OptionsError("--init_multimodal needs --nb_background_modes of at least 2.")
         kind, _, suffix = init_type.partition("_")
@@ -503,6 +527,9 @@ class IncrementalSegmentationModule(nn.Module):
 __all__ = [
     "IncrementalSegmentationModule",
     "build_norm_act",
+    "check_model_options",
+    "check_multimodal_fusion",
+    "check_multimodal_init",
     "classifier_sizes_for",
     "imagenet_weights_path",
     "make_model",

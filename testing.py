@@ -118,22 +118,16 @@ def seen_labels(opts: argparse.Namespace, step: int) -> tuple[list[int], list[in
     return list(labels), list(labels_old)
 
 
-def build_models(opts: argparse.Namespace, step: int, device: Any, channels_last: bool) -> tuple[Any, Any]:
-    """The current model of ``step`` and, for step > 0, the frozen previous-step model (as ``run.py``)."""
-    import torch
+def build_models(opts: argparse.Namespace, step: int, device: Any) -> tuple[Any, Any]:
+    """The current model of ``step`` and, for step > 0, the frozen previous-step model, built by
+    :func:`run.build_model` (layout from ``opts.memory_format``); the old model gets the current model's
+    weights of the classes it has (no checkpoint needed)."""
+    from run import build_model
 
-    from segmentation_module import make_model
-
-    def build(s: int) -> Any:
-        model = make_model(opts, classes=step_classes(opts, s)).to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        return model
-
-    model = build(step)
+    model = build_model(opts, step, device)
     model_old = None
     if step > 0:
-        model_old = build(step - 1)
+        model_old = build_model(opts, step - 1, device)
         model_old.load_state_dict(
             {k: v for k, v in model.state_dict().items() if k in model_old.state_dict()}, strict=False
         )

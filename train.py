@@ -133,7 +133,7 @@ class Trainer:
         self.amp_enabled, self.amp_dtype = autocast
         scaled = _scales_loss(self.amp_enabled, self.amp_dtype)
         self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=scaled)
-        self.channels_last = _wants_channels_last(opts, device)
+        self.channels_last = wants_channels_last(opts, device)
         self.print_interval = getattr(opts, "print_interval", None) or DEFAULT_PRINT_INTERVAL
         self.show_progress = not getattr(opts, "no_progress", False)
 
@@ -200,7 +200,8 @@ class Trainer:
             return
 
         def old_logits(images: Tensor) -> Tensor:
-            # images: (B, 3, H, W) float32 on the device, already normalised by find_median.
+            # A loader batch: uint8 (B, 3, H, W) images become normalised float32 on the device.
+            images = normalize_on_device(images, self.device)
             with torch.no_grad(), self._autocast():
                 return self.model_old(images)[0].float()
 
@@ -445,6 +446,7 @@ class Trainer:
             self.regularizer.load_state_dict(state["regularizer"])
 
 
-def _wants_channels_last(opts: Any, device: torch.device) -> bool:
+def wants_channels_last(opts: Any, device: torch.device) -> bool:
+    """``--memory_format``: channels-last models and image batches (``auto``: on CUDA only)."""
     fmt = getattr(opts, "memory_format", "auto")
     return fmt == "channels_last" or (fmt == "auto" and device.type == "cuda")

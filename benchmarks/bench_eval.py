@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         precision=args.precision,
         memory_format=args.memory_format,
     )
-    model, model_old = testing.build_models(opts, args.step, device, args.memory_format == "channels_last")
+    model, model_old = testing.build_models(opts, args.step, device)
     classes = testing.step_classes(opts, args.step)
     trainer = Trainer(
         model, model_old, device, opts, None, classes=classes, step=args.step,

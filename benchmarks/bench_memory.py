@@ -42,7 +42,7 @@ def saved_bytes(backbone: str, crop: int, batch: int, step: int, norm_act: str, 
         step=step, backbone=backbone, crop=crop, batch=batch, device="cpu", norm_act=norm_act, abn=abn
     )
     with torch.device("meta"):
-        model, _ = testing.build_models(opts, step, torch.device("meta"), False)
+        model, _ = testing.build_models(opts, step, torch.device("meta"))
         model.train()
         images = torch.empty(batch, 3, crop, crop)
     storages: dict[int, int] = {}

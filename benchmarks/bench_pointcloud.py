@@ -83,7 +83,6 @@ def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
     common.setup_paths()
     from run import build_optimizer
-    from segmentation_module import make_model
     from train import Trainer
 
     torch.manual_seed(0)
@@ -91,14 +90,8 @@ def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
     common.set_cuda_flags(device)
     opts = point_opts(cfg)
     step = cfg["step"]
-    model = make_model(opts, STEP_CLASSES[step]).to(device)
-    model_old = None
-    if step > 0:
-        model_old = make_model(opts, STEP_CLASSES[step - 1]).to(device)
-        model_old.load_state_dict(
-            {k: v for k, v in model.state_dict().items() if k in model_old.state_dict()}
-        )
-        model_old.eval().requires_grad_(False)
+    # run.build_model with the classes of tasks.py's scannet 15-5, which are STEP_CLASSES.
+    model, model_old = testing.build_models(opts, step, device)
     trainer = Trainer(
         model, model_old, device, opts, None, classes=STEP_CLASSES[step], step=step,
         autocast=testing.autocast_setting(cfg["precision"]),  # also on the CPU (run.py runs it in fp32)

@@ -83,7 +83,7 @@ def _build(cfg: dict[str, Any], variant: str | None = None) -> dict[str, Any]:
     common.set_cuda_flags(device)
     step = cfg["step"]
     opts = _variant_opts(cfg)
-    model, model_old = testing.build_models(opts, step, device, cfg["memory_format"] == "channels_last")
+    model, model_old = testing.build_models(opts, step, device)
     trainer = Trainer(
         model, model_old, device, opts, None, classes=testing.step_classes(opts, step), step=step,
         autocast=testing.autocast_setting(cfg["precision"]),  # also on the CPU (run.py runs it in fp32)
@@ -239,7 +239,7 @@ def model_flops(backbone: str, crop: int, step: int) -> dict[str, Any]:
     for where in ("meta", "cpu"):
         try:
             with torch.device(where):
-                model, model_old = testing.build_models(opts, step, torch.device(where), False)
+                model, model_old = testing.build_models(opts, step, torch.device(where))
                 model.train()
                 images = torch.zeros(2, 3, crop, crop)
                 result["forward"] = common.count_flops(model, images, backward=False) / 2

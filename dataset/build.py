@@ -13,12 +13,12 @@ from utils.errors import OptionsError
 
 from .ade import AdeSegmentationIncremental
 from .cityscapes_domain import CITYSCAPES_CLASSES, CityscapesSegmentationIncrementalDomain
-from .incremental import IncrementalSegmentationDataset
+from .incremental import IncrementalSegmentationDataset, check_data_masking
 from .pointcloud import S3DISSegmentationIncremental, ScanNetSegmentationIncremental
 from .pointcloud_transform import PointCloudTransform
 from .presets import eval_transform_3d, train_transform, train_transform_3d, val_transform
 from .transform import Compose
-from .voc import VOCSegmentationIncremental
+from .voc import VOCSegmentationIncremental, check_voc_masking
 
 DATASETS: dict[str, type[IncrementalSegmentationDataset]] = {
     "voc": VOCSegmentationIncremental,
@@ -54,6 +54,19 @@ class DatasetBundle:
     labels_old: list[int]
     labels_cum: list[int]
     n_classes: int
+
+
+def check_dataset_options(opts: Any) -> None:
+    """Refuse the dataset options the datasets cannot build, before any work (``argparser.validate_options``;
+    the datasets apply the same checks before their scan).
+
+    Raises:
+        OptionsError: ``--data_masking all`` or an unknown mode (any dataset, as the reference parser),
+            ``--no_mask`` with VOC.
+    """
+    check_data_masking(opts.data_masking)
+    if opts.dataset == "voc":
+        check_voc_masking(not opts.no_mask)
 
 
 def split_cache_dir(opts: Any, path_base: str) -> Path:

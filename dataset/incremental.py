@@ -78,6 +78,29 @@ def build_label_lut(inv: Mapping[int, int], allowed: Iterable[int], fallback: in
     return lut
 
 
+#: ``--data_masking`` values, the reference's choices (``all`` is among them but not implemented).
+DATA_MASKINGS = ("current", "current+old", "all", "new")
+
+
+def check_data_masking(data_masking: str) -> None:
+    """Refuse a ``--data_masking`` that :func:`voc_masking_lut` cannot build; the one place the rule is
+    written (``argparser.validate_options`` applies it before any work, the datasets before their scan).
+
+    Raises:
+        OptionsError: ``all`` (the reference raises NotImplementedError for it) or an unknown mode.
+    """
+    if data_masking == "all":
+        raise OptionsError(
+            "--data_masking all is not implemented (the reference raises NotImplementedError for it). "
+            "Use --data_masking current (default: old and future classes become background), "
+            "current+old (old classes keep their labels) or new (old and future classes are ignored)."
+        )
+    if data_masking not in DATA_MASKINGS:
+        raise OptionsError(
+            f"Unknown --data_masking {data_masking!r}; choose one of current, current+old or new."
+        )
+
+
 def voc_masking_lut(labels: Sequence[int], labels_old: Sequence[int], data_masking: str) -> np.ndarray:
     """VOC target mapping for background-stripped ``labels`` / ``labels_old``.
 
@@ -90,22 +113,13 @@ def voc_masking_lut(labels: Sequence[int], labels_old: Sequence[int], data_maski
     Raises:
         OptionsError: ``all`` (not implemented by the reference) or an unknown mode.
     """
+    check_data_masking(data_masking)
     inv = inverted_order([0, *labels_old, *labels])
     if data_masking == "current":
         return build_label_lut(inv, [0, *labels, IGNORE], fallback=0)
     if data_masking == "current+old":
         return build_label_lut(inv, [*labels_old, 0, *labels, IGNORE], fallback=0)
-    if data_masking == "new":
-        return build_label_lut(inv, [0, *labels], fallback=IGNORE)
-    if data_masking == "all":
-        raise OptionsError(
-            "--data_masking all is not implemented (the reference raises NotImplementedError for it). "
-            "Use --data_masking current (default: old and future classes become background), "
-            "current+old (old classes keep their labels) or new (old and future classes are ignored)."
-        )
-    raise OptionsError(
-        f"Unknown --data_masking {data_masking!r}; choose one of current, current+old or new."
-    )
+    return build_label_lut(inv, [0, *labels], fallback=IGNORE)  # new
 
 
 def ade_masking_lut(

@@ -40,6 +40,7 @@ from .incremental import (
     IncrementalSegmentationDataset,
     ade_masking_lut,
     base_kwargs,
+    check_data_masking,
     identity_lut,
     select_indices,
     voc_masking_lut,
@@ -200,7 +201,7 @@ class PointCloudSegmentationIncremental(IncrementalSegmentationDataset):
         if kwargs.get("test_on_val"):
             logger.warning("--test_on_val only applies to VOC; %s ignores it.", self.dataset_name)
         if labels is not None and masking and not ignore_test_bg:
-            voc_masking_lut([], [], data_masking)  # refuse `all`/unknown modes before reading anything
+            check_data_masking(data_masking)  # refuse `all`/unknown modes before reading anything
         self.masking, self.data_masking, self.ignore_test_bg = masking, data_masking, ignore_test_bg
         self.filter_blocks = filter_blocks
         split = "train" if train else "test"

@@ -15,6 +15,7 @@ from .incremental import (
     ImageLabelPairs,
     IncrementalSegmentationDataset,
     base_kwargs,
+    check_data_masking,
     identity_lut,
     voc_masking_lut,
 )
@@ -24,6 +25,20 @@ VOC_CLASSES: list[str] = [
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
     "tvmonitor",
 ]
+
+
+def check_voc_masking(masking: bool) -> None:
+    """Refuse VOC without masking (``--no_mask``); ``argparser.validate_options`` applies it before any work.
+
+    Raises:
+        OptionsError: ``masking`` is False (RN-21: the reference hits ``assert False``).
+    """
+    if not masking:
+        raise OptionsError(
+            "--no_mask is not supported for VOC (the reference stops on `assert False`). "
+            "Drop --no_mask, or use --data_masking current+old to keep the old classes' labels."
+        )
+
 
 VOC_DIR = "PascalVOC2012"
 VOC_DOWNLOAD_HINT = (
@@ -155,13 +170,8 @@ class VOCSegmentationIncremental(IncrementalSegmentationDataset):
         **kwargs: Any,
     ) -> None:
         if labels is not None:
-            if not masking:
-                # Reference behaviour (RN-21): VOC with --no_mask hits `assert False`; refused up front here.
-                raise OptionsError(
-                    "--no_mask is not supported for VOC (the reference stops on `assert False`). "
-                    "Drop --no_mask, or use --data_masking current+old to keep the old classes' labels."
-                )
-            voc_masking_lut([], [], data_masking)  # refuse `all`/unknown modes before the scan
+            check_voc_masking(masking)
+            check_data_masking(data_masking)  # refuse `all`/unknown modes before the scan
         self.masking, self.data_masking = masking, data_masking
         full = VOCSegmentation(root, "train" if train else "val", is_aug=True)
         super().__init__(

@@ -56,10 +56,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dataset.pointcloud_raw import S3DIS_CLASSES, SCANNET_CLASSES  # noqa: E402  (root on sys.path first)
-from tasks import get_task_dict  # noqa: E402
-from utils.demo_report import (  # noqa: E402
-    VOC_CLASS_NAMES,
+from argparser import METHODS  # noqa: E402  (root on sys.path first)
+from dataset import S3DIS_CLASSES, SCANNET_CLASSES, VOC_CLASSES  # noqa: E402
+from scripts.demo_support.report import (  # noqa: E402
     MethodResult,
     build_summary,
     copy_figure,
@@ -73,6 +72,8 @@ from utils.demo_report import (  # noqa: E402
     plot_prediction_grid,
     write_json,
 )
+from tasks import get_task_dict  # noqa: E402
+from utils.files import write_text_atomically  # noqa: E402
 
 DATASET = "voc"
 # VOC 15-5: background + classes 1-15 at step 0, then classes 16-20 together at step 1. In one final table
@@ -86,7 +87,7 @@ NUM_STEPS = len(STEP_CLASSES)
 N_STEP0_CLASSES = len(STEP_CLASSES[0])  # background + 15 classes
 N_CLASSES = sum(len(labels) for labels in STEP_CLASSES.values())
 DEFAULT_METHODS = ("FT", "MiB", "PLOP", "LGKD")
-ALL_METHODS = ("FT", "LWF", "LWF-MC", "ILT", "EWC", "RW", "PI", "MiB", "PLOP", "LGKD")
+ALL_METHODS = METHODS  # every --method preset of run.py
 # Per-method arguments beyond --method, at steps >= 1, exactly as the reference scripts pass them
 # (scripts/voc/lgkd_15-5.sh: the LGKD preset leaves --prev_kd / --novel_kd at 10 / 2).
 METHOD_EXTRA_ARGS: dict[str, tuple[str, ...]] = {"LGKD": ("--prev_kd", "5", "--novel_kd", "1")}
@@ -315,7 +316,7 @@ def demo_protocol(dataset: str = DATASET) -> DemoProtocol:
         dataset=DATASET,
         task=TASK,
         name=f"VOC {PROTOCOL}",
-        class_names=VOC_CLASS_NAMES,
+        class_names=tuple(VOC_CLASSES),
         data_folder="PascalVOC2012",
         method_extra_args=METHOD_EXTRA_ARGS,
         readme_figure=README_FIGURE,
@@ -564,10 +565,10 @@ def prepare_output(paths: DemoPaths, settings: DemoSettings | PointCloudDemoSett
             shutil.rmtree(folder, ignore_errors=True)
         (paths.out / TIMINGS_FILE).unlink(missing_ok=True)
     paths.out.mkdir(parents=True, exist_ok=True)
-    state_path.write_text(json.dumps(wanted, indent=2) + "\n")
+    write_text_atomically(state_path, json.dumps(wanted, indent=2) + "\n")
 
 
-def ensure_data(settings: DemoSettings | PointCloudDemoSettings, paths: DemoPaths, log: Logger) -> None:
+def ensure_data(settings: DemoSettings | PointCloudDemoSettings, paths: DemoPaths, log: DemoProgress) -> None:
     """Generate the synthetic VOC tree (point clouds: rooms cut into blocks) unless the same one is there.
 
     A tree without the demo's marker file (e.g. one you made yourself with other settings, or a real
@@ -592,7 +593,7 @@ def ensure_data(settings: DemoSettings | PointCloudDemoSettings, paths: DemoPath
             f"data/make_synthetic.py failed (exit {proc.returncode}):\n"
             f"{proc.stdout[-2000:]}{proc.stderr[-4000:]}"
         )
-    marker.write_text(json.dumps(wanted, indent=2) + "\n")
+    write_text_atomically(marker, json.dumps(wanted, indent=2) + "\n")
     log.say(f"data set ready ({time.monotonic() - start:.1f} s)")
 
 
@@ -615,8 +616,9 @@ def cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-class Logger:
-    """Timestamped progress lines, safe to call from the chain threads."""
+class DemoProgress:
+    """The demo's clock and its timestamped progress lines (safe to call from the chain threads); the
+    ``run.py`` processes log through their own logger (``utils/logger.py``) into their output files."""
 
     def __init__(self) -> None:
         self.start = time.monotonic()
@@ -673,7 +675,9 @@ def run_process(argv: Sequence[str], env: dict[str, str], output: IO[str]) -> tu
     return proc.returncode, usage.ru_utime + usage.ru_stime
 
 
-def run_command(command: StepCommand, paths: DemoPaths, threads: int, log: Logger) -> dict[str, float | None]:
+def run_command(
+    command: StepCommand, paths: DemoPaths, threads: int, log: DemoProgress
+) -> dict[str, float | None]:
     """Run one step (its output goes to ``out/stdout``); return its ``wall_s`` and ``cpu_s`` seconds."""
     paths.stdout.mkdir(parents=True, exist_ok=True)
     output = paths.stdout / f"{command.name}_step{command.step}.log"
@@ -705,7 +709,7 @@ def run_chain(
     commands: Sequence[StepCommand],
     paths: DemoPaths,
     threads: int,
-    log: Logger,
+    log: DemoProgress,
     timings: dict[str, dict],
     keep_checkpoints: bool = False,
 ) -> None:
@@ -723,7 +727,7 @@ def run_all(
     paths: DemoPaths,
     jobs: int,
     threads: int,
-    log: Logger,
+    log: DemoProgress,
     keep_checkpoints: bool = False,
 ) -> dict:
     """Step 0 once, then the methods' chains, ``jobs`` chains at a time; return the step timings
@@ -772,7 +776,7 @@ def record_timings(paths: DemoPaths, new: dict[str, dict]) -> dict[str, dict]:
     except (OSError, json.JSONDecodeError):
         timings = {}
     timings.update(new)
-    path.write_text(json.dumps(timings, indent=2, sort_keys=True) + "\n")
+    write_text_atomically(path, json.dumps(timings, indent=2, sort_keys=True) + "\n")
     return timings
 
 
@@ -784,12 +788,14 @@ def method_command_lines(
     return {m: [step0, *(shlex.join(c.argv) for c in method_commands(m, settings, paths))] for m in methods}
 
 
-def draw_predictions(methods: Sequence[str], paths: DemoPaths, threads: int, log: Logger) -> dict[str, str]:
+def draw_predictions(
+    methods: Sequence[str], paths: DemoPaths, threads: int, log: DemoProgress
+) -> dict[str, str]:
     """Prediction grid of every method's final model and LGKD's final confusion matrix (PNG paths)."""
     import torch
 
-    from dataset.transform import MEAN, STD
-    from utils.demo_inference import (
+    from dataset.transform import IMAGENET_MEAN, IMAGENET_STD
+    from scripts.demo_support.inference import (
         build_step_model,
         evaluate,
         load_step_options,
@@ -830,7 +836,7 @@ def draw_predictions(methods: Sequence[str], paths: DemoPaths, threads: int, log
         grid = make_pointcloud_grid(images, labels, predictions, cmap, size=tile, radius=2)
     else:
         tile = images.shape[-1]
-        grid = make_prediction_grid(images, labels, predictions, cmap, MEAN, STD)
+        grid = make_prediction_grid(images, labels, predictions, cmap, IMAGENET_MEAN, IMAGENET_STD)
     shown = sorted(
         {int(v) for v in labels.unique().tolist()}
         | {int(v) for p in predictions.values() for v in p.unique().tolist()}
@@ -856,7 +862,7 @@ def report(
     settings: DemoSettings | PointCloudDemoSettings,
     paths: DemoPaths,
     timings: dict,
-    log: Logger,
+    log: DemoProgress,
     quick: bool,
     draw: bool = True,
     threads: int = 1,
@@ -1023,7 +1029,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for command in method_commands(method, settings, paths):
                 print(shlex.join(command.argv))
         return 0
-    log = Logger()
+    log = DemoProgress()
     log.say(
         f"{paths.protocol.name} (task {paths.protocol.task}) with {', '.join(methods)}; "
         f"outputs in {display_path(paths.out)}" + (" (quick smoke configuration)" if args.quick else "")

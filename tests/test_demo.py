@@ -21,9 +21,7 @@ import pytest
 
 from argparser import get_argparser, modify_command_options, validate_options
 from average_csv import read_rows, summarize
-from tests.conftest import ROOT, load_script_module
-from utils.demo_report import (
-    VOC_CLASS_NAMES,
+from scripts.demo_support.report import (
     build_summary,
     format_final_table,
     format_markdown_table,
@@ -35,6 +33,7 @@ from utils.demo_report import (
     plot_prediction_grid,
     write_json,
 )
+from tests.conftest import ROOT, load_script_module
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COMMON_SETTINGS = ("crop_size", "batch_size", "epochs", "lr", "num_workers", "val_interval", "random_seed")
@@ -152,7 +151,7 @@ def test_plots(two_runs, tmp_path: Path) -> None:
 def test_class_names_match_the_dataset() -> None:
     from dataset import VOC_CLASSES
 
-    assert list(VOC_CLASS_NAMES) == [name.lower() for name in VOC_CLASSES]
+    assert list(demo.demo_protocol().class_names) == [name.lower() for name in VOC_CLASSES]
 
 
 def _run_py_args(argv: tuple[str, ...]) -> list[str]:
@@ -311,7 +310,7 @@ def test_resume_skips_finished_steps(tmp_path: Path, monkeypatch) -> None:
         return {"wall_s": 1.0, "cpu_s": 1.0}
 
     monkeypatch.setattr(demo, "run_command", fake_run)
-    demo.run_chain(commands, paths, 1, demo.Logger(), {})
+    demo.run_chain(commands, paths, 1, demo.DemoProgress(), {})
     assert ran == [3, 4, 5]
     # Only the final model stays (steps 2, 3, 4 were removed once the next step had finished).
     assert sorted(p.name for p in paths.checkpoints.iterdir()) == ["15-5s-voc_FT_5.pth"]
@@ -320,7 +319,7 @@ def test_resume_skips_finished_steps(tmp_path: Path, monkeypatch) -> None:
     # A missing row means that step and every later one run again (here: from step 1).
     csv.write_text("".join(f"{s},0.5\n" for s in (0, 2, 3, 4, 5)))
     ran.clear()
-    demo.run_chain(commands, paths, 1, demo.Logger(), {}, keep_checkpoints=True)
+    demo.run_chain(commands, paths, 1, demo.DemoProgress(), {}, keep_checkpoints=True)
     assert ran == [1, 2, 3, 4, 5]
     assert len(list(paths.checkpoints.iterdir())) == 5
 
@@ -330,13 +329,13 @@ def test_run_command_times_the_step_and_reports_failures(tmp_path: Path) -> None
     # A step that keeps a core busy for 0.4 s of its own CPU time.
     busy = "import time\nstart = time.process_time()\nwhile time.process_time() - start < 0.4:\n    pass"
     command = demo.StepCommand("FT", "FT", 1, "train", (sys.executable, "-c", busy))
-    timing = demo.run_command(command, paths, 1, demo.Logger())
+    timing = demo.run_command(command, paths, 1, demo.DemoProgress())
     assert timing["cpu_s"] >= 0.4 and timing["wall_s"] >= 0.4
     failing = demo.StepCommand(
         "FT", "FT", 1, "train", (sys.executable, "-c", "print('boom'); raise SystemExit(3)")
     )
     with pytest.raises(demo.DemoError, match=r"(?s)FT step 1 failed \(exit 3\).*boom"):
-        demo.run_command(failing, paths, 1, demo.Logger())
+        demo.run_command(failing, paths, 1, demo.DemoProgress())
 
 
 def test_changed_settings_start_over(tmp_path: Path, capsys) -> None:

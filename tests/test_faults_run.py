@@ -31,13 +31,13 @@ import run
 from argparser import get_argparser, modify_command_options
 from tests.conftest import run_argv
 from tests.test_cli_errors import write_voc_tree
+from training_options import FREE_OPTIONS, option_differences, stored_options
 from utils import checkpoint as ckpt_mod
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import OutputError
 from utils.filelock import FileLock, owner_description
 from utils.logger import Logger, remove_handlers
 from utils.results import write_results_row
-from utils.training_options import FREE_OPTIONS, option_differences, stored_options
 
 NAME = "faults"
 

@@ -70,8 +70,8 @@ import run
 import tasks
 from argparser import METHODS, get_argparser, modify_command_options
 from metrics import StreamSegMetrics
+from resume import inspect_checkpoints
 from train import Trainer
-from utils.resume import inspect_checkpoints
 from utils.scheduler import build_scheduler
 
 GOLDEN_FILE = Path(__file__).resolve().parent / "golden" / "train_presets.json"

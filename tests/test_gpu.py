@@ -95,7 +95,7 @@ def cpu_models(sizes: dict[str, Any]) -> tuple[torch.nn.Module, torch.nn.Module]
     built once and copied by each test."""
     torch.manual_seed(0)
     opts = testing.build_opts(step=1, device="cpu", **sizes)
-    return testing.build_models(opts, 1, torch.device("cpu"), channels_last=False)
+    return testing.build_models(opts, 1, torch.device("cpu"))
 
 
 @contextlib.contextmanager

@@ -94,7 +94,7 @@ def _setup(method: str, *, scaled: bool, device: torch.device = CPU) -> dict[str
         step=1, backbone="resnet18", crop=CROP, batch=BATCH, device=device.type, method=method,
         precision="fp16" if cuda_fp16 else "fp32",
     )  # fmt: skip
-    model, model_old = testing.build_models(opts, 1, device, channels_last=False)
+    model, model_old = testing.build_models(opts, 1, device)
     # fp16 loss scaling on the CPU, as on CUDA: an enabled GradScaler and the optimizer run.py then builds.
     scaler = torch.amp.GradScaler("cpu", enabled=True) if scaled and not cuda_fp16 else None
     trainer = Trainer(
@@ -160,7 +160,7 @@ def check_overflowing_step_is_skipped(device: torch.device) -> None:
 
 def test_build_optimizer_fuses_only_loss_scaled_runs() -> None:
     opts = testing.build_opts(step=0, backbone="resnet18", crop=CROP, batch=BATCH, device="cpu", method="FT")
-    model, _ = testing.build_models(opts, 0, torch.device("cpu"), channels_last=False)
+    model, _ = testing.build_models(opts, 0, torch.device("cpu"))
     plain = build_optimizer(opts, model)  # CPU: fp32 whatever --opt_level says
     assert all(not g["fused"] for g in plain.param_groups)
     assert not getattr(plain, "_step_supports_amp_scaling", False)
@@ -172,7 +172,7 @@ def test_resume_keeps_this_runs_optimizer_kernel() -> None:
     """A checkpoint written by a loss-scaled (fused) run resumes in an fp32 run with the plain step, and
     the other way round; momentum buffers and learning rates come from the checkpoint."""
     opts = testing.build_opts(step=0, backbone="resnet18", crop=CROP, batch=BATCH, device="cpu", method="FT")
-    model, _ = testing.build_models(opts, 0, torch.device("cpu"), channels_last=False)
+    model, _ = testing.build_models(opts, 0, torch.device("cpu"))
     for saved_fused, resumed_fused in ((True, False), (False, True)):
         saved = build_optimizer(opts, model, fused=saved_fused)
         for p in model.parameters():

@@ -262,7 +262,7 @@ def test_trainer_takes_its_autocast_setting_as_an_argument(precision, dtype, sca
 
     opts = testing.build_opts(step=0, backbone="resnet18", crop=32, batch=2, device="cpu", method="FT",
                               precision=precision)  # fmt: skip
-    model, _ = testing.build_models(opts, 0, torch.device("cpu"), channels_last=False)
+    model, _ = testing.build_models(opts, 0, torch.device("cpu"))
     classes = testing.step_classes(opts, 0)
     default = Trainer(model, None, torch.device("cpu"), opts, None, classes=classes)
     assert not default.amp_enabled and not default.scaler.is_enabled()  # --opt_level O1 runs fp32 on CPU

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import keyword
 import re
 import shlex
 import subprocess
@@ -288,3 +289,26 @@ def test_code_citations_of_the_notes_exist() -> None:
             cited.setdefault(match.group(1) or f"rn-{match.group(2)}", path.relative_to(ROOT).as_posix())
     unknown = {a: p for a, p in cited.items() if a not in anchors}
     assert not unknown, f"citations of rows that do not exist: {unknown}"
+
+
+def test_adding_a_method_names_what_the_code_has() -> None:
+    """The "adding a new one" steps name files and, in them, functions, classes, tables and switches: every
+    such name is defined (or, for an environment variable, read as a string) in one of the files the
+    section names, so the steps cannot go stale when the code is renamed."""
+    text = readme_text()
+    section = text[text.index("## Methods and adding a new one") :]
+    section = section[: section.index("\n## ", 1)]
+    quoted = re.findall(r"`([^`]+)`", section)
+    files = sorted({q for q in quoted if q.endswith(".py")})
+    assert {"argparser.py", "utils/loss.py", "utils/loss_terms.py", "train.py"} <= set(files)
+    sources = {name: (ROOT / name).read_text(encoding="utf-8") for name in files}
+    names = sorted({q for q in quoted if q.isidentifier() and not keyword.iskeyword(q)})
+    assert {"METHOD_PRESETS", "LossTerm", "build_loss_terms", "check_loss_options"} <= set(names)
+    missing = []
+    for name in names:
+        defined = re.compile(
+            rf"^\s*(def|class)\s+{name}\b|^\s*{name}\s*(:[^=\n]*)?=|[\"']{name}[\"']", re.MULTILINE
+        )
+        if not any(defined.search(source) for source in sources.values()):
+            missing.append(name)
+    assert not missing, f"README's adding-a-method steps name what none of {files} defines: {missing}"

@@ -9,9 +9,13 @@
   :func:`loading_entry` turns any error raised while loading one entry into a :class:`CheckpointError`
   naming the file and the entry.
 * :func:`check_model_state` / :func:`load_model_state` check (and load) a state dict with or without the
-  ``module.`` prefix of the reference's DDP-wrapped checkpoints (§5.6) against an unwrapped model: same
-  task, step and backbone. The check also works against a model built on the ``meta`` device.
-* :func:`load_imagenet_weights` loads the inplace_abn ImageNet files (§5.7).
+  ``module.`` prefix of the reference's checkpoints (LGKD ``run.py`` ``run_step`` saves the DDP-wrapped
+  model) against an unwrapped model: same task, step and backbone. The check also works against a model
+  built on the ``meta`` device.
+* :func:`load_imagenet_weights` loads the inplace_abn ImageNet files (LGKD ``segmentation_module.py``
+  ``make_model``).
+* :func:`checkpoint_dict`, :func:`load_optimizer_state`, :func:`rng_state` / :func:`set_rng_state`: the
+  training state a checkpoint holds and a resumed run restores.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import contextlib
 import os
 import pickle
 import pickletools
+import random
 import re
 import warnings
 import zipfile
@@ -271,6 +276,82 @@ def save_checkpoint(obj: Any, path: str | os.PathLike[str], hint: str = "") -> N
             else f"Nothing was written to {path.name}."
         )
         raise output_error("the checkpoint", path, err, kept, hint) from err
+
+
+# ---------------------------------------------------------------------------------------------- state
+def checkpoint_dict(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer: Any,
+    epoch: int,
+    best_score: float,
+    provenance: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A training checkpoint in the reference's format, with ``module.``-prefixed keys, plus the AMP scaler
+    state and the run's ``provenance`` (extra top-level entries, which the reference's loading ignores).
+
+    The format is LGKD ``run.py`` ``main`` (``save_ckpt``): ``epoch``, ``model_state``, ``optimizer_state``,
+    ``scheduler_state``, ``best_score``, ``trainer_state``.
+
+    Args:
+        model: the unwrapped model.
+        optimizer: its optimizer.
+        scheduler: its learning-rate scheduler.
+        trainer: the step's ``Trainer`` (its ``state_dict()`` and its loss ``scaler``).
+        epoch: finished epochs.
+        best_score: best validation mIoU so far.
+        provenance: further top-level entries (``options``, ``world_size``, ``run_id``, ...).
+    """
+    return {
+        "epoch": epoch,
+        "model_state": {f"{PREFIX}{k}": v for k, v in model.state_dict().items()},
+        "optimizer_state": optimizer.state_dict(),
+        "scheduler_state": scheduler.state_dict(),
+        "best_score": float(best_score),
+        "trainer_state": trainer.state_dict(),
+        "scaler_state": trainer.scaler.state_dict(),
+        **(provenance or {}),
+    }
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """Load a saved optimizer state but keep this run's kernel choice (``fused``/``foreach``).
+
+    ``Optimizer.load_state_dict`` restores every saved group option, the implementation switches
+    included: an fp16 checkpoint (fused SGD) resumed in fp32 would switch to the fused kernel, and the
+    reverse would hand the GradScaler's device flags to a step that cannot take them.
+    """
+    kernels = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, chosen in zip(optimizer.param_groups, kernels):
+        group.update(chosen)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator a resumed run needs, as plain python (gathered across ranks, weights_only-safe)."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore the generators saved by :func:`rng_state`."""
+    random.setstate(_to_tuple(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _to_tuple(x: Any) -> Any:
+    # A weights_only checkpoint holds lists where random.getstate() gave tuples.
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, list | tuple) else x
 
 
 # ---------------------------------------------------------------------------------------------- entries
@@ -626,7 +707,8 @@ def _imagenet_missing_message(path: Path) -> str:
 
 
 def load_imagenet_weights(body: nn.Module, path: str | os.PathLike[str]) -> Any:
-    """Load an inplace_abn ImageNet file (dict with ``state_dict``) into a ResNet body (§5.7).
+    """Load an inplace_abn ImageNet file (dict with ``state_dict``) into a ResNet body (LGKD
+    ``segmentation_module.py`` ``make_model``).
 
     The keys carry the ``module.`` prefix of a wrapped ImageNet model; it is stripped (the first 7
     characters, as in the reference), ``classifier.fc.*`` is dropped, and the rest is loaded strictly.
@@ -654,7 +736,8 @@ def load_imagenet_weights(body: nn.Module, path: str | os.PathLike[str]) -> Any:
     keys = list(state)
     prefixed = [k.startswith(PREFIX) for k in keys]
     if all(prefixed):
-        # Reference behaviour (§5.7): the first 7 characters ("module.") of every key are dropped.
+        # Reference behaviour (LGKD segmentation_module.py make_model): the first 7 characters ("module.")
+        # of every key are dropped.
         state = OrderedDict((k[7:], v) for k, v in state.items())
     elif any(prefixed):
         raise CheckpointError(

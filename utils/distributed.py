@@ -11,13 +11,17 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from utils.errors import UserError
+
+T = TypeVar("T")
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -134,6 +138,31 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's ``obj``, in rank order (``[obj]`` with one process)."""
+    if not is_dist_avail_and_initialized():
+        return [obj]
+    gathered: list[object] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def on_main(fn: Callable[[], T]) -> T | None:
+    """Run ``fn`` on rank 0 only; if it raises a UserError, every rank raises it (the others would otherwise
+    wait in their next collective until the launcher kills them)."""
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = fn()
+        except UserError as err:
+            error = err
+    if get_world_size() > 1:
+        error = broadcast_object(error)
+    if error is not None:
+        raise error
+    return result
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 IGNORE_INDEX = 255
 
 __all__ = [
+    "BCE_SIGMOID_SHAPES",
     "BCESigmoid",
     "BCEWithLogitsLossWithIgnoreIndex",
     "FocalLoss",
@@ -503,6 +504,10 @@ class UnbiasedNCA(nn.Module):
         return self.unce(self.scale * (upcast_fp32(inputs) - self.margin), targets, mask=mask)
 
 
+#: ``BCESigmoid`` shapes (``--kd_bce_sig_shape``): drop the new channels, or sum them into background.
+BCE_SIGMOID_SHAPES = ("trim", "sum")
+
+
 class BCESigmoid(nn.Module):
     """Sigmoid-BCE output distillation (``--kd_bce_sig``; reference class of the same name).
 
@@ -519,8 +524,8 @@ class BCESigmoid(nn.Module):
 
     def __init__(self, reduction: str = "mean", alpha: float = 1.0, shape: str = "trim"):
         super().__init__()
-        if shape not in ("trim", "sum"):
-            raise ValueError(f"Unknown BCESigmoid shape {shape!r}: expected 'trim' or 'sum'.")
+        if shape not in BCE_SIGMOID_SHAPES:
+            raise ValueError(f"Unknown BCESigmoid shape {shape!r}: expected one of {BCE_SIGMOID_SHAPES}.")
         self.reduction = reduction
         self.alpha = alpha
         self.shape = shape

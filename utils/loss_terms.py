@@ -57,7 +57,7 @@ from utils.loss import (
     soft_crossentropy,
     upcast_fp32,
 )
-from utils.pod import PREPRO_TYPES, PODOptions, features_distillation
+from utils.pod import check_pod_options, features_distillation
 from utils.pseudo_label import PseudoLabels
 
 __all__ = [
@@ -73,6 +73,7 @@ __all__ = [
     "StepInfo",
     "build_criterion",
     "build_loss_terms",
+    "check_loss_options",
     "downsample_labels",
     "needs_intermediate",
     "needs_old_outputs",
@@ -433,8 +434,9 @@ class OutputKDTerm(LossTerm):
 
     @classmethod
     def from_opts(cls, opts: argparse.Namespace, info: StepInfo, output_stride: int) -> OutputKDTerm:
-        """First match: ``unkd`` -> unbiased KD; ``lgkd`` -> LGKD; ``kd_bce_sig`` -> sigmoid BCE; ``exkd_*``
-        refused (RN-16); otherwise KD."""
+        """First match: ``unkd`` -> unbiased KD; ``lgkd`` -> LGKD; ``kd_bce_sig`` -> sigmoid BCE; otherwise KD
+        (``exkd_*`` are refused, :func:`check_loss_options`)."""
+        check_loss_options(opts)
         label_guided = False
         if opts.unkd:
             loss: nn.Module = UnbiasedKnowledgeDistillationLoss(reduction="none", alpha=opts.alpha)
@@ -446,11 +448,6 @@ class OutputKDTerm(LossTerm):
             logger.info(f"prev kd: {opts.prev_kd}\t novel kd: {opts.novel_kd}")
         elif opts.kd_bce_sig:
             loss = BCESigmoid(reduction="mean", alpha=opts.alpha, shape=opts.kd_bce_sig_shape)
-        elif (opts.exkd_gt or opts.exkd_sum) and info.old_classes > 0:
-            raise OptionsError(
-                "--exkd_gt/--exkd_sum crash in the reference (docs/reference-notes.md RN-16) and are not "
-                "supported."
-            )
         else:
             loss = KnowledgeDistillationLoss(reduction="mean", alpha=opts.alpha)
         schedule = math.sqrt(info.current_classes / info.new_classes) if opts.kd_scheduling else 1.0
@@ -577,13 +574,7 @@ class PODTerm(LossTerm):
         pod_options = opts.pod_options
         if isinstance(pod_options, str):
             pod_options = json.loads(pod_options)
-        PODOptions.parse(pod_options)  # refuse a malformed dictionary before training starts
-        if opts.pod_prepro not in PREPRO_TYPES:
-            raise OptionsError(
-                f"--pod_prepro {opts.pod_prepro!r} is not supported (abs crashes in the reference, "
-                "docs/reference-notes.md RN-21); "
-                f"choose one of {PREPRO_TYPES}."
-            )
+        check_pod_options(pod_options, opts.pod_prepro)  # refuse malformed options before training starts
         return cls(
             index_new_class=info.old_classes,
             nb_current_classes=info.current_classes,
@@ -648,6 +639,20 @@ class EntropyMinTerm(LossTerm):
 
 
 # --- builders -------------------------------------------------------------------------------------------
+
+
+def check_loss_options(opts: argparse.Namespace) -> None:
+    """Refuse loss options that cannot work; ``argparser.validate_options`` calls this before any work.
+
+    Raises:
+        OptionsError: ``--exkd_gt`` / ``--exkd_sum`` (RN-16: excluded KD crashes in the reference's training
+            loop).
+    """
+    if opts.exkd_gt or opts.exkd_sum:
+        raise OptionsError(
+            "--exkd_gt/--exkd_sum (excluded knowledge distillation) crash in the reference training "
+            "loop (RN-16) and are not supported. Remove them; use --loss_kd with --unkd, --lgkd or plain KD."
+        )
 
 
 def build_loss_terms(

@@ -8,7 +8,9 @@ summaries, averaged over the batch (PLOP Eq. 3).
 
 The reference packed everything into one 275-line function; here it is split into
 
-* :class:`PODOptions`: parses the ``pod_options`` dictionary (``--pod_options`` JSON) once;
+* :class:`PODOptions`: parses the ``pod_options`` dictionary (``--pod_options`` JSON) once, after
+  :func:`check_pod_options` (the rules of ``--pod_options`` and ``--pod_prepro``, which
+  ``argparser.validate_options`` applies before any work);
 * :func:`pod_embedding`: spatial / local / global pooling, with an optional mask (masked local POD);
 * :func:`pod_distance`: frobenius / l1 / kl / bce / frobenius_mix distances;
 * :func:`features_distillation`: the reference entry point, with its keyword arguments and defaults.
@@ -20,7 +22,7 @@ positions in place).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,10 +33,23 @@ from torch import Tensor
 from utils.errors import OptionsError
 from utils.loss import upcast_fp32
 
-__all__ = ["PODOptions", "features_distillation", "pod_distance", "pod_embedding"]
+__all__ = [
+    "PODOptions",
+    "check_pod_options",
+    "check_prepro",
+    "features_distillation",
+    "pod_distance",
+    "pod_embedding",
+]
 
 COLLAPSE_TYPES = ("spatial", "local", "global")
-PREPRO_TYPES = ("pow", "none", "relu")
+# Element-wise pre-processing of a map before pooling (--pod_prepro and the sections' "prepro").
+_PREPROS: dict[str, Callable[[Tensor], Tensor]] = {
+    "pow": lambda x: x.pow(2),
+    "none": lambda x: x,
+    "relu": lambda x: x.clamp(min=0.0),
+}
+PREPRO_TYPES = tuple(_PREPROS)
 EXTRA_CHANNELS = ("sum", "trim", "expand")
 DISTANCES = ("frobenius", "l1", "kl", "bce", "frobenius_mix")
 
@@ -88,6 +103,90 @@ class PODOptions:
                     f"--pod_options: unknown {key} {kwargs[key]!r}; choose one of {DISTANCES}."
                 )
         return cls(**kwargs)
+
+
+_POD_OPTIONS_EXAMPLE = (
+    'e.g. \'{"switch": {"after": {"extra_channels": "sum", "factor": 0.0005, "type": "local"}}}\''
+)
+# Numeric entries of a "switch" section, with the valid values of the flags they override: (integers only,
+# lowest value, what the message says).
+_SECTION_NUMBERS: dict[str, tuple[bool, float, str]] = {
+    "factor": (False, 0, "a number >= 0"),
+    "spp_scales": (True, 1, "a list of integers >= 1"),
+    "upscale_mask_topk": (True, 1, "an integer >= 1"),
+}
+
+
+def check_prepro(prepro: str) -> None:
+    """Refuse a pre-processing (``--pod_prepro`` or a section's ``prepro``) other than pow, none, relu.
+
+    Raises:
+        OptionsError: ``abs`` (RN-21: the reference calls ``torch.abs`` with two arguments and crashes) or
+            an unknown name.
+    """
+    if prepro in _PREPROS:
+        return
+    if prepro == "abs":
+        raise OptionsError(
+            "POD pre-processing 'abs' (--pod_prepro or a 'prepro' entry of --pod_options) is broken "
+            "in the reference and not supported. Use pow (default), none or relu."
+        )
+    raise OptionsError(
+        f"Unknown POD pre-processing {prepro!r} (--pod_prepro or a 'prepro' entry of --pod_options). "
+        "Use pow (default), none or relu."
+    )
+
+
+def _valid_number(value: Any, integer: bool, low: float) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
+        return False
+    return math.isfinite(value) and value >= low
+
+
+def _check_section_numbers(name: str, section: Mapping[str, Any]) -> None:
+    for key, (integer, low, what) in _SECTION_NUMBERS.items():
+        if key not in section:
+            continue
+        value = section[key]
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(_valid_number(v, integer, low) for v in values):
+            raise OptionsError(
+                f"--pod_options: switch.{name}.{key} is {value!r}; it must be {what}. Fix the JSON of "
+                f"--pod_options, {_POD_OPTIONS_EXAMPLE}."
+            )
+
+
+def check_pod_options(pod_options: Any, pod_prepro: str = "pow") -> None:
+    """The rules of ``--pod_options`` and ``--pod_prepro``, written once: applied by
+    ``argparser.validate_options`` before any work and by the POD loss term when it is built.
+
+    Args:
+        pod_options: the parsed ``--pod_options`` JSON (None: no options).
+        pod_prepro: ``--pod_prepro``.
+
+    Raises:
+        OptionsError: not a JSON object, a section that is not one, a pre-processing other than pow, none
+            or relu (:func:`check_prepro`), a number out of its range, an unknown difference function.
+    """
+    if pod_options is not None and not isinstance(pod_options, dict):
+        raise OptionsError(
+            f"--pod_options must be a JSON object, got {pod_options!r}. Pass for example "
+            '\'{"switch": {"after": {"extra_channels": "sum", "factor": 0.0005, "type": "local"}}}\'.'
+        )
+    switch = (pod_options or {}).get("switch") or {}
+    if not isinstance(switch, dict):
+        raise OptionsError(
+            f"--pod_options: 'switch' is {switch!r}; it must be a JSON object with 'before' and/or 'after' "
+            f"sections. Fix the JSON of --pod_options, {_POD_OPTIONS_EXAMPLE}."
+        )
+    sections = {name: section for name, section in switch.items() if isinstance(section, dict)}
+    for name, section in sections.items():
+        _check_section_numbers(name, section)
+    check_prepro(pod_prepro)
+    for section in sections.values():
+        if section.get("prepro") is not None:
+            check_prepro(section["prepro"])
+    PODOptions.parse(pod_options)
 
 
 @dataclass
@@ -267,18 +366,8 @@ def pod_distance(a: Tensor, b: Tensor, kind: str = "frobenius", mix_new_old: flo
 
 
 def _prepro(x: Tensor, prepro: str) -> Tensor:
-    if prepro == "pow":
-        return x.pow(2)
-    if prepro == "relu":
-        return x.clamp(min=0.0)
-    if prepro == "none":
-        return x
-    if prepro == "abs":
-        raise OptionsError(
-            "--pod_prepro abs crashes in the reference (docs/reference-notes.md RN-21) and is refused; "
-            "use pow, none or relu."
-        )
-    raise OptionsError(f"Unknown --pod_prepro {prepro!r}; choose one of {PREPRO_TYPES}.")
+    check_prepro(prepro)
+    return _PREPROS[prepro](x)
 
 
 def _downsample_labels(labels: Tensor, size: Sequence[int]) -> Tensor:

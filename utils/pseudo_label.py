@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,7 +24,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from dataset.transform import normalize_on_device
 from utils.errors import OptionsError
 from utils.logger import get_logger
 from utils.loss import IGNORE_INDEX, entropy
@@ -31,11 +31,48 @@ from utils.loss import IGNORE_INDEX, entropy
 if TYPE_CHECKING:
     from utils.loss_terms import StepInfo
 
-__all__ = ["PseudoLabeler", "PseudoLabels", "entropy", "find_median"]
+__all__ = ["PseudoLabeler", "PseudoLabels", "check_pseudo_mode", "entropy", "find_median"]
 
 logger = get_logger("utils.pseudo_label")
 
+#: ``--pseudo`` values; ``threshold_<t>`` stands for a fixed confidence threshold t in [0, 1].
 PSEUDO_MODES = ("naive", "confidence", "threshold_<t>", "median", "entropy")
+#: ``--pseudo_soft`` values.
+PSEUDO_SOFT_MODES = ("soft_certain", "soft_uncertain")
+#: ``--pseudo_ablation`` values.
+PSEUDO_ABLATIONS = ("corrected_errors", "removed_errors")
+
+
+def check_pseudo_mode(mode: str | None) -> float | None:
+    """Validate a ``--pseudo`` value (None: no pseudo-labelling); the one place the rule is written.
+
+    Returns:
+        t of ``threshold_<t>``, else None.
+
+    Raises:
+        OptionsError: an unknown mode, or a fixed threshold that is not a probability.
+    """
+    if mode is None:
+        return None
+    if mode.startswith("threshold_"):
+        try:
+            threshold = float(mode.removeprefix("threshold_"))
+        except ValueError:
+            pass
+        else:
+            # The fixed threshold is compared with the old model's softmax confidence, a probability.
+            if not (math.isfinite(threshold) and 0 <= threshold <= 1):
+                raise OptionsError(
+                    f"--pseudo threshold_<t>: t {threshold!r} is out of range: it must be a number in "
+                    "[0, 1], e.g. threshold_0.9."
+                )
+            return threshold
+    elif mode in PSEUDO_MODES:
+        return None
+    raise OptionsError(
+        f"Unknown --pseudo {mode!r}. Pass one of: {', '.join(PSEUDO_MODES)} (e.g. threshold_0.9), or leave "
+        "it out to disable pseudo-labelling."
+    )
 
 
 @torch.no_grad()
@@ -64,10 +101,10 @@ def find_median(
     shard, without synchronisation.
 
     Args:
-        loader: yields ``(images, labels)``; images (B, 3, H, W) uint8 from the presets (normalised here,
-            :func:`dataset.transform.normalize_on_device`) or already normalised float; labels (B, H, W)
-            with 0 for background.
-        old_logits_fn: ``images -> (B, C_old, H, W)`` full-resolution old-model logits.
+        loader: yields ``(images, labels)``; images as the loader gives them (``old_logits_fn`` moves and
+            normalises them); labels (B, H, W) with 0 for background.
+        old_logits_fn: loader ``images -> (B, C_old, H, W)`` full-resolution old-model logits on ``device``
+            (the Trainer normalises uint8 images on the device first, as for training).
         device: where images, labels and the histogram go.
         nb_current_classes: ``C_new`` (number of histogram rows and of thresholds).
         mode: "entropy" or "probability".
@@ -92,7 +129,6 @@ def find_median(
     histogram = torch.zeros(nb_current_classes * nb_bins, dtype=torch.long, device=device)
     nb_batches = len(loader) if hasattr(loader, "__len__") else "?"
     for cur_step, (images, labels) in enumerate(loader):
-        images = normalize_on_device(images, device)  # uint8 or float (B, 3, H, W) -> normalised float32
         labels = labels.to(device, dtype=torch.long)
         probas = torch.softmax(old_logits_fn(images).float(), dim=1)  # (B, C_old, H, W)
         max_probas, pseudo_labels = probas.max(dim=1)  # (B, H, W) each
@@ -201,15 +237,19 @@ class PseudoLabeler:
         pseudo_soft: str | None = None,
         pseudo_ablation: str | None = None,
     ):
-        self.fixed_threshold = _check_mode(mode)
+        self.fixed_threshold = check_pseudo_mode(mode)
         if mode in ("median", "entropy") and thresholds is None:
             raise ValueError(f"Pseudo-labelling mode {mode!r} needs the thresholds of find_median.")
         if mode == "entropy" and max_entropy is None:
             raise ValueError("Pseudo-labelling mode 'entropy' needs max_entropy from find_median.")
-        if pseudo_ablation not in (None, "corrected_errors", "removed_errors"):
-            raise OptionsError(f"Unknown --pseudo_ablation {pseudo_ablation!r}.")
-        if pseudo_soft not in (None, "soft_certain", "soft_uncertain"):
-            raise OptionsError(f"Unknown --pseudo_soft {pseudo_soft!r}.")
+        if pseudo_ablation not in (None, *PSEUDO_ABLATIONS):
+            raise OptionsError(
+                f"Unknown --pseudo_ablation {pseudo_ablation!r}: choose one of {', '.join(PSEUDO_ABLATIONS)}."
+            )
+        if pseudo_soft not in (None, *PSEUDO_SOFT_MODES):
+            raise OptionsError(
+                f"Unknown --pseudo_soft {pseudo_soft!r}: choose one of {', '.join(PSEUDO_SOFT_MODES)}."
+            )
         self.mode = mode
         self.old_classes = old_classes
         self.thresholds = thresholds
@@ -231,7 +271,7 @@ class PseudoLabeler:
         step 0 / no old model). ``thresholds``/``max_entropy`` come from :func:`find_median`."""
         if opts.pseudo is None:
             return None
-        _check_mode(opts.pseudo)
+        check_pseudo_mode(opts.pseudo)
         if not info.distill:
             return None
         return cls(
@@ -307,14 +347,3 @@ class PseudoLabeler:
                 factor = factor.clamp(min=self.classif_adaptive_min_factor)
         return PseudoLabels(new_labels, mask_background, mask_valid, factor, pseudo_targets=pseudo)
 
-
-def _check_mode(mode: str) -> float | None:
-    """Validate a ``--pseudo`` value; return the fixed threshold of ``threshold_<t>`` (else None)."""
-    if mode.startswith("threshold_"):
-        try:
-            return float(mode.split("_", 1)[1])
-        except ValueError:
-            raise OptionsError(f"--pseudo {mode}: expected threshold_<number>, e.g. threshold_0.9.") from None
-    if mode not in ("naive", "confidence", "median", "entropy"):
-        raise OptionsError(f"Unknown --pseudo {mode!r}; choose one of {', '.join(PSEUDO_MODES)}.")
-    return None

@@ -37,11 +37,13 @@ from utils.distributed import unwrap_model
 from utils.errors import CheckpointError, OptionsError
 from utils.logger import get_logger
 
-__all__ = ["EWC", "PI", "RW", "Regularizer", "get_regularizer", "normalize_fn"]
+__all__ = ["EWC", "PI", "REGULARIZERS", "RW", "Regularizer", "get_regularizer", "normalize_fn"]
 
 logger = get_logger("utils.regularizer")
 
 PREFIX = "module."
+#: ``--regularizer`` values (:func:`get_regularizer`).
+REGULARIZERS = ("ewc", "rw", "pi")
 
 
 def normalize_fn(mat: Tensor) -> Tensor:
@@ -527,4 +529,4 @@ def get_regularizer(
             iterations=opts.reg_iterations,
             normalize=normalize,
         )
-    raise OptionsError(f"Unknown --regularizer {name!r}; choose ewc, rw or pi.")
+    raise OptionsError(f"Unknown --regularizer {name!r}; choose one of {', '.join(REGULARIZERS)}.")

@@ -13,6 +13,9 @@ from torch.optim.lr_scheduler import LRScheduler, StepLR
 
 from utils.errors import OptionsError
 
+#: ``--lr_policy`` values (:func:`build_scheduler`).
+LR_POLICIES = ("poly", "step")
+
 
 class PolyLR(LRScheduler):
     """Polynomial decay stepped every iteration: ``lr_k = base_lr * (1 - k / max_iters) ** power``.
@@ -80,4 +83,4 @@ def build_scheduler(opts: Namespace, optimizer: Optimizer, max_iters: int) -> LR
             iters_per_epoch = max_iters // opts.epochs if opts.epochs else 0
             period = max(1, decay_epochs * iters_per_epoch)
         return StepLR(optimizer, step_size=period, gamma=opts.lr_decay_factor)
-    raise OptionsError(f"Unknown --lr_policy {policy!r}: use 'poly' or 'step'.")
+    raise OptionsError(f"Unknown --lr_policy {policy!r}: use one of {', '.join(LR_POLICIES)}.")

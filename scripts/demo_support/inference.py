@@ -1,10 +1,11 @@
 """Predictions of the demo's final models: a qualitative grid and a confusion matrix (``scripts/demo.py``).
 
 A finished step is rebuilt from what its ``run.py`` call left on disk: the resolved options it saved next to
-its logs (``opts.json``, :func:`argparser.save_options`) and its best checkpoint. The model comes from
-``segmentation_module.make_model`` and ``utils.checkpoint.load_model_state``, the images from the same
-``dataset.build_datasets`` test set (val transform: resize + centre crop) that ``run.py`` evaluated, so
-the confusion matrix here is the one behind the results-CSV row of that step.
+its logs (``opts.json``, :func:`argparser.save_options`) and its best checkpoint. The model is built as
+``run.py`` builds it (:func:`run.build_model`) and loaded as a ``--test`` run loads it
+(:func:`resume.load_model_file`, :func:`utils.checkpoint.load_model_state`), the images come from the same
+``dataset.build_datasets`` test set (val transform: resize + centre crop) that ``run.py`` evaluated, so the
+confusion matrix here is the one behind the results-CSV row of that step.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-import tasks
 from argparser import load_options
 from dataset import build_datasets
 from dataset.transform import normalize_on_device
 from metrics import StreamSegMetrics
-from segmentation_module import make_model
-from utils.checkpoint import load_checkpoint, load_model_state
+from resume import load_model_file
+from run import build_model
+from utils.checkpoint import load_model_state
 
 
 def load_step_options(path: str | Path) -> argparse.Namespace:
@@ -40,11 +41,9 @@ def build_step_model(
     opts: argparse.Namespace, checkpoint_path: str | Path, device: torch.device
 ) -> nn.Module:
     """The model of ``opts.step`` with the weights of ``checkpoint_path``, in eval mode."""
-    classes = tasks.get_per_task_classes(opts.dataset, opts.task, opts.step)
     # The checkpoint holds every weight: no ImageNet initialisation needed (nor wanted, it may be absent).
-    model_opts = argparse.Namespace(**{**vars(opts), "no_pretrained": True})
-    model = make_model(model_opts, classes=classes).to(device)
-    checkpoint = load_checkpoint(checkpoint_path)
+    model = build_model(opts, opts.step, device, pretrained=False)
+    checkpoint = load_model_file(Path(checkpoint_path), "Run the demo step that writes it again.", mmap=False)
     load_model_state(model, checkpoint["model_state"], strict=True, source=str(checkpoint_path))
     model.eval()
     if hasattr(model, "in_eval"):

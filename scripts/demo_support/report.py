@@ -1,18 +1,18 @@
 """Summary tables, ``summary.json`` and plots of the CPU demo (``scripts/demo.py``).
 
-Everything here reads what ``run.py`` wrote — one results CSV per method (§10.3) — and summarises it with
-:func:`average_csv.summarize`, so the demo reports exactly the numbers ``python average_csv.py`` prints.
-Nothing here imports torch: the functions are tested on hand-written CSV files. The figures are drawn on
-bare :class:`matplotlib.figure.Figure` objects with the Agg canvas (no pyplot state, no display needed).
+Everything here reads what ``run.py`` wrote -- one results CSV per method (the reference's format,
+``utils/results.py``) -- and summarises it with :func:`average_csv.summarize`, so the demo reports exactly
+the numbers ``python average_csv.py`` prints. The functions are tested on hand-written CSV files. The
+figures are drawn on bare :class:`matplotlib.figure.Figure` objects with the Agg canvas (no pyplot state,
+no display needed); every file is written atomically (:mod:`utils.files`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +23,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from average_csv import read_rows, summarize
+from dataset.voc import VOC_CLASSES
+from utils.files import write_atomically, write_text_atomically
 from utils.results import ABSENT, NOT_LEARNED
-
-# Pascal VOC class names, index = class id (the synthetic data set uses the same ids and layout).
-VOC_CLASS_NAMES: tuple[str, ...] = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-    "tvmonitor",
-)  # fmt: skip
 
 SUMMARY_KEYS = ("bg", "old", "new", "all")
 
@@ -202,18 +197,7 @@ def build_summary(
 
 def write_json(data: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Write ``data`` as indented JSON, atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, allow_nan=False)
-            handle.write("\n")
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_text_atomically(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- plots
@@ -228,9 +212,11 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
+    """The figure as a PNG file, written atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=fig.dpi, bbox_inches="tight")
+    png = io.BytesIO()  # drawn first, so a failed drawing leaves no file
+    fig.savefig(png, format="png", dpi=fig.dpi, bbox_inches="tight")
+    write_atomically(path, lambda handle: handle.write(png.getvalue()))
     return path
 
 
@@ -290,7 +276,7 @@ def plot_miou_per_step(
 def plot_final_class_iou(
     results: Sequence[MethodResult],
     path: str | os.PathLike,
-    class_names: Sequence[str] = VOC_CLASS_NAMES,
+    class_names: Sequence[str] = VOC_CLASSES,
     n_step0_classes: int = 16,
 ) -> Path:
     """Grouped bars: the final step's IoU of every class, per method (``X``/``x`` drawn as missing)."""
@@ -325,7 +311,7 @@ def plot_final_class_iou(
 def plot_confusion_matrix(
     matrix: np.ndarray,
     path: str | os.PathLike,
-    class_names: Sequence[str] = VOC_CLASS_NAMES,
+    class_names: Sequence[str] = VOC_CLASSES,
     title: str = "Confusion matrix",
     n_step0_classes: int | None = 16,
 ) -> Path:
@@ -421,8 +407,7 @@ def plot_prediction_grid(
 
 
 def copy_figure(source: str | os.PathLike, destination: str | os.PathLike) -> Path:
-    """Copy a PNG (e.g. into docs/images/ for the README)."""
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, destination)
-    return destination
+    """Copy a PNG (e.g. into docs/images/ for the README), atomically."""
+    data = Path(source).read_bytes()
+    write_atomically(destination, lambda handle: handle.write(data))
+    return Path(destination)
