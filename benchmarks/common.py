@@ -39,7 +39,6 @@ RESULT_MARKER = "BENCH_RESULT "
 MIB = 1024.0 * 1024.0
 
 
-
 def setup_paths() -> None:
     """Make the repository's top-level packages importable (the scripts live in ``benchmarks/``)."""
     root = str(ROOT)

@@ -40,8 +40,16 @@ SHAPES = ("disk", "square", "triangle", "ring", "cross")
 TEXTURES = ("solid", "stripes", "checker")
 # Ten saturated hues in hue-wheel order; the background only uses low-saturation colours.
 _HUES = [
-    (220, 30, 30), (245, 130, 10), (235, 215, 20), (150, 230, 40), (30, 180, 40),
-    (20, 200, 210), (30, 60, 220), (120, 40, 180), (210, 40, 200), (250, 120, 160),
+    (220, 30, 30),
+    (245, 130, 10),
+    (235, 215, 20),
+    (150, 230, 40),
+    (30, 180, 40),
+    (20, 200, 210),
+    (30, 60, 220),
+    (120, 40, 180),
+    (210, 40, 200),
+    (250, 120, 160),
 ]
 # Colour index c -> hue 3c mod 10, so that neighbouring colour indices are far apart on the wheel.
 COLOURS = [_HUES[(3 * c) % 10] for c in range(10)]
@@ -90,8 +98,9 @@ def _shape_mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float
     return ((np.abs(dx) <= arm) & (np.abs(dy) <= r)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= r))
 
 
-def _texture(texture: str, colour: np.ndarray, xx: np.ndarray, yy: np.ndarray, rng: np.random.Generator
-             ) -> np.ndarray:
+def _texture(
+    texture: str, colour: np.ndarray, xx: np.ndarray, yy: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """(H, W, 3) float painting of ``colour`` with the class texture (random phase/orientation)."""
     base = np.broadcast_to(colour, (*xx.shape, 3)).astype(np.float32)
     if texture == "solid":
@@ -143,8 +152,9 @@ def _border(label: np.ndarray, width: int) -> np.ndarray:
     return band
 
 
-def render(dataset: str, classes: Sequence[int], size: int, rng: np.random.Generator
-           ) -> tuple[np.ndarray, np.ndarray]:
+def render(
+    dataset: str, classes: Sequence[int], size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """One (H, W, 3) uint8 image and its (H, W) uint8 mask with the given object classes."""
     h = size
     w = int(round(size * rng.uniform(1.0, 4.0 / 3.0)))
@@ -183,8 +193,11 @@ def _paths(dataset: str, root: Path, split: str, index: int) -> tuple[Path, Path
     if dataset == "voc":
         name = f"{split}_{index:06d}"
         voc = root / "PascalVOC2012"
-        return (voc / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"{name}.jpg",
-                voc / "SegmentationClassAug" / f"{name}.png", name)
+        return (
+            voc / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"{name}.jpg",
+            voc / "SegmentationClassAug" / f"{name}.png",
+            name,
+        )
     folder = "training" if split == "train" else "validation"
     name = f"ADE_{split}_{index + 1:08d}"
     ade = root / "ADEChallengeData2016"
@@ -222,8 +235,9 @@ def _prepare(dataset: str, root: Path) -> None:
             (top / sub).mkdir(parents=True, exist_ok=True)
 
 
-def _write_metadata(dataset: str, root: Path, names: dict[str, list[str]], counts: dict[str, np.ndarray]
-                    ) -> None:
+def _write_metadata(
+    dataset: str, root: Path, names: dict[str, list[str]], counts: dict[str, np.ndarray]
+) -> None:
     if dataset == "voc":
         lists = root / "PascalVOC2012" / "list"
         for split, list_name in (("train", "train_aug.txt"), ("val", "val.txt")):
@@ -309,8 +323,10 @@ def make_synthetic(
         counts[split] = np.concatenate(parts) if parts else np.zeros((0, 256), dtype=np.int64)
     _write_metadata(dataset, root, names, counts)
     elapsed = time.perf_counter() - start
-    print(f"make_synthetic: {dataset} {num_train} train + {num_val} val images, {size} px, "
-          f"{n_classes} classes, seed {seed} -> {root} ({elapsed:.1f} s, {workers} workers)")
+    print(
+        f"make_synthetic: {dataset} {num_train} train + {num_val} val images, {size} px, "
+        f"{n_classes} classes, seed {seed} -> {root} ({elapsed:.1f} s, {workers} workers)"
+    )
     return root
 
 
@@ -330,9 +346,11 @@ def make_synthetic_3d(
     generator.make_synthetic_3d(dataset, out, num_train, num_val, seed, workers)
     generated = time.perf_counter() - start
     _load_sibling(here / "prepare_3d.py", "prepare_3d").run(dataset, out, workers=workers)
-    print(f"make_synthetic: {dataset} {num_train} train + {num_val} test rooms, seed {seed} -> {out} "
-          f"({generated:.1f} s to generate, {time.perf_counter() - start:.1f} s with the block preparation, "
-          f"{workers} workers)")
+    print(
+        f"make_synthetic: {dataset} {num_train} train + {num_val} test rooms, seed {seed} -> {out} "
+        f"({generated:.1f} s to generate, {time.perf_counter() - start:.1f} s with the block preparation, "
+        f"{workers} workers)"
+    )
     return Path(out)
 
 
@@ -348,8 +366,9 @@ def _load_sibling(path: Path, name: str):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--dataset", choices=[*sorted(NUM_CLASSES), *POINT_CLOUD_DATASETS], default="voc")
     parser.add_argument("--out", required=True, help="data root to write (pass it as --data_root)")
     parser.add_argument("--num_train", type=int, default=800, help="training images (3D: rooms)")

@@ -37,20 +37,28 @@ from utils.logger import get_logger  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--dataset", choices=sorted(SPECS), required=True)
-    parser.add_argument("--data_root", required=True,
-                        help="folder holding S3DIS/ or ScanNet/ (what run.py later gets as --data_root)")
+    parser.add_argument(
+        "--data_root",
+        required=True,
+        help="folder holding S3DIS/ or ScanNet/ (what run.py later gets as --data_root)",
+    )
     parser.add_argument("--block_size", type=float, default=DEFAULT_BLOCK_SIZE, help="block side in metres")
     parser.add_argument("--stride", type=float, default=DEFAULT_STRIDE, help="block sliding step in metres")
-    parser.add_argument("--min_points", type=int, default=DEFAULT_MIN_POINTS,
-                        help="blocks with fewer points are dropped")
+    parser.add_argument(
+        "--min_points", type=int, default=DEFAULT_MIN_POINTS, help="blocks with fewer points are dropped"
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
     parser.add_argument("--force", action="store_true", help="redo every room")
-    parser.add_argument("--val_list", default=None,
-                        help="ScanNet validation scene list (default: DATA_ROOT/ScanNet/scannetv2_val.txt if "
-                             "present, else the official list in data/meta/)")
+    parser.add_argument(
+        "--val_list",
+        default=None,
+        help="ScanNet validation scene list (default: DATA_ROOT/ScanNet/scannetv2_val.txt if "
+        "present, else the official list in data/meta/)",
+    )
     return parser
 
 
@@ -64,8 +72,12 @@ def run(dataset: str, data_root: str | os.PathLike, **kwargs: Any) -> Path:
         log.setLevel(logging.INFO)
     start = time.perf_counter()
     out = prepare(dataset, data_root, **kwargs)
-    log.info("done in %.1f s; pass --data_root %s --dataset %s to run.py", time.perf_counter() - start,
-             data_root, dataset)
+    log.info(
+        "done in %.1f s; pass --data_root %s --dataset %s to run.py",
+        time.perf_counter() - start,
+        data_root,
+        dataset,
+    )
     return out
 
 
@@ -75,8 +87,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: need 0 < --stride <= --block_size and --min_points >= 1.", file=sys.stderr)
         return 2
     try:
-        run(args.dataset, args.data_root, block_size=args.block_size, stride=args.stride,
-            min_points=args.min_points, workers=args.workers, force=args.force, val_list=args.val_list)
+        run(
+            args.dataset,
+            args.data_root,
+            block_size=args.block_size,
+            stride=args.stride,
+            min_points=args.min_points,
+            workers=args.workers,
+            force=args.force,
+            val_list=args.val_list,
+        )
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

@@ -56,8 +56,9 @@ def _count(rng: np.random.Generator, area: float, density: float) -> int:
     return int(rng.poisson(max(area, 0.0) * density))
 
 
-def rect(rng: np.random.Generator, origin: Sequence[float], u: Sequence[float], v: Sequence[float],
-         density: float) -> np.ndarray:
+def rect(
+    rng: np.random.Generator, origin: Sequence[float], u: Sequence[float], v: Sequence[float], density: float
+) -> np.ndarray:
     """Points on the parallelogram ``origin + a u + b v``, a, b in [0, 1]."""
     u_, v_ = np.asarray(u, dtype=np.float64), np.asarray(v, dtype=np.float64)
     n = _count(rng, float(np.linalg.norm(np.cross(u_, v_))), density)
@@ -65,8 +66,14 @@ def rect(rng: np.random.Generator, origin: Sequence[float], u: Sequence[float], 
     return np.asarray(origin, dtype=np.float64) + ab[:, :1] * u_ + ab[:, 1:] * v_
 
 
-def box(rng: np.random.Generator, lo: Sequence[float], size: Sequence[float], density: float,
-        bottom: bool = False, top: bool = True) -> np.ndarray:
+def box(
+    rng: np.random.Generator,
+    lo: Sequence[float],
+    size: Sequence[float],
+    density: float,
+    bottom: bool = False,
+    top: bool = True,
+) -> np.ndarray:
     """Points on the faces of the axis-aligned box ``lo .. lo + size`` (no bottom face by default)."""
     (x, y, z), (sx, sy, sz) = lo, size
     faces = [
@@ -82,8 +89,14 @@ def box(rng: np.random.Generator, lo: Sequence[float], size: Sequence[float], de
     return np.concatenate(faces)
 
 
-def cylinder(rng: np.random.Generator, centre: Sequence[float], radius: float, height: float,
-             density: float, top: bool = True) -> np.ndarray:
+def cylinder(
+    rng: np.random.Generator,
+    centre: Sequence[float],
+    radius: float,
+    height: float,
+    density: float,
+    top: bool = True,
+) -> np.ndarray:
     """Points on a vertical cylinder standing on ``centre`` (side and top disk)."""
     cx, cy, z = centre
     n = _count(rng, 2 * math.pi * radius * height, density)
@@ -107,8 +120,14 @@ def sphere(rng: np.random.Generator, centre: Sequence[float], radius: float, den
 # Objects. ``p`` holds the room (size, height, density) and the placement drawn by ``place``.
 
 
-def _legs(rng: np.random.Generator, p: dict, lo: Sequence[float], size: Sequence[float], height: float,
-          leg: float = 0.05) -> list[np.ndarray]:
+def _legs(
+    rng: np.random.Generator,
+    p: dict,
+    lo: Sequence[float],
+    size: Sequence[float],
+    height: float,
+    leg: float = 0.05,
+) -> list[np.ndarray]:
     (x, y, z), (sx, sy) = lo, size[:2]
     corners = [(x, y), (x + sx - leg, y), (x, y + sy - leg), (x + sx - leg, y + sy - leg)]
     return [box(rng, (cx, cy, z), (leg, leg, height), p["density"], top=False) for cx, cy in corners]
@@ -116,10 +135,12 @@ def _legs(rng: np.random.Generator, p: dict, lo: Sequence[float], size: Sequence
 
 def table_like(top_z: float, thickness: float = 0.05) -> Builder:
     """A slab on four legs (table, desk)."""
+
     def build(rng: np.random.Generator, p: dict) -> np.ndarray:
         (x, y), (sx, sy) = p["xy"], p["size"][:2]
         slab = box(rng, (x, y, top_z - thickness), (sx, sy, thickness), p["density"], bottom=True)
         return np.concatenate([slab, *_legs(rng, p, (x, y, 0), (sx, sy), top_z - thickness)])
+
     return build
 
 
@@ -155,8 +176,14 @@ def tub(rng: np.random.Generator, p: dict) -> np.ndarray:
     (x, y), (sx, sy, sz) = p["xy"], p["size"]
     wall = 0.08
     outer = box(rng, (x, y, 0), (sx, sy, sz), p["density"], top=False)
-    inner = box(rng, (x + wall, y + wall, 0.1), (sx - 2 * wall, sy - 2 * wall, sz - 0.1), p["density"],
-                bottom=True, top=False)
+    inner = box(
+        rng,
+        (x + wall, y + wall, 0.1),
+        (sx - 2 * wall, sy - 2 * wall, sz - 0.1),
+        p["density"],
+        bottom=True,
+        top=False,
+    )
     return np.concatenate([outer, inner])
 
 
@@ -178,8 +205,12 @@ def round_thing(rng: np.random.Generator, p: dict) -> np.ndarray:
     """A pedestal with a ball on it (otherfurniture)."""
     (x, y), (sx, _, sz) = p["xy"], p["size"]
     r = sx / 2
-    return np.concatenate([cylinder(rng, (x + r, y + r, 0), 0.06, sz - r, p["density"], top=False),
-                           sphere(rng, (x + r, y + r, sz), r, p["density"])])
+    return np.concatenate(
+        [
+            cylinder(rng, (x + r, y + r, 0), 0.06, sz - r, p["density"], top=False),
+            sphere(rng, (x + r, y + r, sz), r, p["density"]),
+        ]
+    )
 
 
 def clutter(rng: np.random.Generator, p: dict) -> np.ndarray:
@@ -200,11 +231,13 @@ def clutter(rng: np.random.Generator, p: dict) -> np.ndarray:
 
 def wall_panel(bottom: float, wavy: bool = False) -> Builder:
     """A flat (or folded, for curtains) panel on a wall, ``bottom`` metres above the floor."""
+
     def build(rng: np.random.Generator, p: dict) -> np.ndarray:
         width, _, height = p["size"]
         pts = rect(rng, (0, 0, 0), (width, 0, 0), (0, 0, height), p["density"] * (1.6 if wavy else 1.0))
         offset = 0.02 + (0.06 * (1 + np.sin(pts[:, 0] * 2 * math.pi / 0.25)) if wavy else 0.0)
         return _on_wall(p, pts[:, 0], offset, bottom + pts[:, 2])
+
     return build
 
 
@@ -241,8 +274,10 @@ def beam(rng: np.random.Generator, p: dict) -> np.ndarray:
 
 # name -> (builder, placement, size range (w, d, h) low/high, colour). Placements: "floor" (free-standing,
 # random spot), "wall" (against or in a wall, at a random place along it), "ceiling" (beam).
-STYLES: dict[str, tuple[Builder, str, tuple[tuple[float, float, float], tuple[float, float, float]],
-                        tuple[int, int, int]]] = {
+STYLES: dict[
+    str,
+    tuple[Builder, str, tuple[tuple[float, float, float], tuple[float, float, float]], tuple[int, int, int]],
+] = {
     "beam": (beam, "ceiling", ((0, 0.25, 0.25), (0, 0.35, 0.35)), (120, 120, 20)),
     "column": (column, "wall", ((0.35, 0.35, 0), (0.5, 0.5, 0)), (100, 120, 150)),
     "window": (wall_panel(0.9), "wall", ((0.9, 0, 0.9), (1.4, 0, 1.2)), (120, 185, 240)),
@@ -272,23 +307,49 @@ STRUCTURE_COLOURS = {"floor": (125, 105, 85), "wall": (205, 195, 165), "ceiling"
 #: Raw ScanNet categories written in the aggregation files, per class; the synthetic tsv maps each to its
 #: NYU40 id. Unannotated props use categories whose NYU40 class is not one of the 20.
 SCANNET_RAW = {
-    "wall": ["wall"], "floor": ["floor"], "chair": ["chair", "office chair"],
+    "wall": ["wall"],
+    "floor": ["floor"],
+    "chair": ["chair", "office chair"],
     "table": ["table", "coffee table"],
-    "desk": ["desk"], "bed": ["bed"], "bookshelf": ["bookshelf", "bookshelves"], "sofa": ["couch", "sofa"],
-    "sink": ["sink"], "bathtub": ["bathtub"], "toilet": ["toilet"], "curtain": ["curtain"],
-    "counter": ["counter", "kitchen counter"], "door": ["door"], "window": ["window"],
-    "shower curtain": ["shower curtain"], "refrigerator": ["refrigerator", "mini fridge"],
-    "picture": ["picture"], "cabinet": ["cabinet", "kitchen cabinets"],
+    "desk": ["desk"],
+    "bed": ["bed"],
+    "bookshelf": ["bookshelf", "bookshelves"],
+    "sofa": ["couch", "sofa"],
+    "sink": ["sink"],
+    "bathtub": ["bathtub"],
+    "toilet": ["toilet"],
+    "curtain": ["curtain"],
+    "counter": ["counter", "kitchen counter"],
+    "door": ["door"],
+    "window": ["window"],
+    "shower curtain": ["shower curtain"],
+    "refrigerator": ["refrigerator", "mini fridge"],
+    "picture": ["picture"],
+    "cabinet": ["cabinet", "kitchen cabinets"],
     "otherfurniture": ["stand", "ottoman"],
 }
 #: (raw category, NYU40 id, NYU40 class name as the official tsv writes it) for every class above.
 NYU40 = {
-    "wall": (1, "wall"), "floor": (2, "floor"), "cabinet": (3, "cabinet"), "bed": (4, "bed"),
-    "chair": (5, "chair"), "sofa": (6, "sofa"), "table": (7, "table"), "door": (8, "door"),
-    "window": (9, "window"), "bookshelf": (10, "bookshelf"), "picture": (11, "picture"),
-    "counter": (12, "counter"), "desk": (14, "desk"), "curtain": (16, "curtain"),
-    "refrigerator": (24, "refridgerator"), "shower curtain": (28, "shower curtain"), "toilet": (33, "toilet"),
-    "sink": (34, "sink"), "bathtub": (36, "bathtub"), "otherfurniture": (39, "otherfurniture"),
+    "wall": (1, "wall"),
+    "floor": (2, "floor"),
+    "cabinet": (3, "cabinet"),
+    "bed": (4, "bed"),
+    "chair": (5, "chair"),
+    "sofa": (6, "sofa"),
+    "table": (7, "table"),
+    "door": (8, "door"),
+    "window": (9, "window"),
+    "bookshelf": (10, "bookshelf"),
+    "picture": (11, "picture"),
+    "counter": (12, "counter"),
+    "desk": (14, "desk"),
+    "curtain": (16, "curtain"),
+    "refrigerator": (24, "refridgerator"),
+    "shower curtain": (28, "shower curtain"),
+    "toilet": (33, "toilet"),
+    "sink": (34, "sink"),
+    "bathtub": (36, "bathtub"),
+    "otherfurniture": (39, "otherfurniture"),
 }
 UNANNOTATED_PROPS = [("lamp", 35, "lamp"), ("box", 29, "box")]
 
@@ -325,8 +386,10 @@ def _place(rng: np.random.Generator, name: str, p: dict) -> dict:
         if rng.random() < 0.5:  # quarter turn: swap width and depth
             size = (size[1], size[0], size[2])
             q["size"] = size
-        q["xy"] = (rng.uniform(0.1, max(0.11, rx - size[0] - 0.1)),
-                   rng.uniform(0.1, max(0.11, ry - size[1] - 0.1)))
+        q["xy"] = (
+            rng.uniform(0.1, max(0.11, rx - size[0] - 0.1)),
+            rng.uniform(0.1, max(0.11, ry - size[1] - 0.1)),
+        )
     else:
         q["wall"] = int(rng.integers(0, 4))
         length = rx if q["wall"] < 2 else ry
@@ -336,8 +399,9 @@ def _place(rng: np.random.Generator, name: str, p: dict) -> dict:
     return q
 
 
-def render_room(dataset: str, objects: Sequence[str], rng: np.random.Generator
-                ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def render_room(
+    dataset: str, objects: Sequence[str], rng: np.random.Generator
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """The room as a list of ``(class name, xyz (m, 3), rgb (m, 3) uint8)`` parts, structure first.
 
     Coordinates start near the origin with a random offset (the preparation shifts rooms anyway).
@@ -348,8 +412,12 @@ def render_room(dataset: str, objects: Sequence[str], rng: np.random.Generator
     parts: list[tuple[str, np.ndarray]] = [("floor", rect(rng, (0, 0, 0), (rx, 0, 0), (0, ry, 0), density))]
     if dataset == "s3dis":
         parts.append(("ceiling", rect(rng, (0, 0, height), (rx, 0, 0), (0, ry, 0), density)))
-    for start, u in (((0, 0, 0), (rx, 0, 0)), ((0, ry, 0), (rx, 0, 0)), ((0, 0, 0), (0, ry, 0)),
-                     ((rx, 0, 0), (0, ry, 0))):
+    for start, u in (
+        ((0, 0, 0), (rx, 0, 0)),
+        ((0, ry, 0), (rx, 0, 0)),
+        ((0, 0, 0), (0, ry, 0)),
+        ((rx, 0, 0), (0, ry, 0)),
+    ):
         parts.append(("wall", rect(rng, start, u, (0, 0, height), density)))
     for name in objects:
         builder = STYLES[name][0]
@@ -361,8 +429,10 @@ def render_room(dataset: str, objects: Sequence[str], rng: np.random.Generator
     offset = rng.uniform(-5, 5, size=3) * (1, 1, 0.1)
     out = []
     for name, xyz in parts:
-        base = np.asarray(STYLES[name][3] if name in STYLES else STRUCTURE_COLOURS.get(name, (160, 140, 120)),
-                          dtype=np.float64)
+        base = np.asarray(
+            STYLES[name][3] if name in STYLES else STRUCTURE_COLOURS.get(name, (160, 140, 120)),
+            dtype=np.float64,
+        )
         rgb = base * rng.uniform(0.9, 1.05) + rng.normal(0, 8, size=(len(xyz), 3))
         out.append((name, xyz + offset, np.clip(np.round(rgb), 0, 255).astype(np.uint8)))
     return out
@@ -395,8 +465,18 @@ def write_s3dis_room(room_dir: Path, parts: list[tuple[str, np.ndarray, np.ndarr
 
 def write_ply(path: Path, xyz: np.ndarray, rgb: np.ndarray, faces: np.ndarray) -> None:
     """Binary little-endian PLY with the vertex and face layout of ScanNet's ``_vh_clean_2.ply``."""
-    vertex = np.empty(len(xyz), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"),
-                                       ("green", "u1"), ("blue", "u1"), ("alpha", "u1")])
+    vertex = np.empty(
+        len(xyz),
+        dtype=[
+            ("x", "<f4"),
+            ("y", "<f4"),
+            ("z", "<f4"),
+            ("red", "u1"),
+            ("green", "u1"),
+            ("blue", "u1"),
+            ("alpha", "u1"),
+        ],
+    )
     vertex["x"], vertex["y"], vertex["z"] = xyz.T
     vertex["red"], vertex["green"], vertex["blue"] = rgb.T
     vertex["alpha"] = 255
@@ -411,8 +491,9 @@ def write_ply(path: Path, xyz: np.ndarray, rgb: np.ndarray, faces: np.ndarray) -
     path.write_bytes(header.encode("ascii") + vertex.tobytes() + face.tobytes())
 
 
-def write_scannet_scene(scene_dir: Path, parts: list[tuple[str, np.ndarray, np.ndarray]],
-                        rng: np.random.Generator) -> None:
+def write_scannet_scene(
+    scene_dir: Path, parts: list[tuple[str, np.ndarray, np.ndarray]], rng: np.random.Generator
+) -> None:
     """Mesh, over-segmentation (objects cut into chunks of ~400 vertices) and aggregation of one scene."""
     scene = scene_dir.name
     scene_dir.mkdir(parents=True, exist_ok=True)
@@ -445,19 +526,48 @@ def write_scannet_scene(scene_dir: Path, parts: list[tuple[str, np.ndarray, np.n
     faces = np.stack([np.arange(0, len(xyz) - 2, 3) + k for k in range(3)], axis=1)
     write_ply(scene_dir / f"{scene}_vh_clean_2.ply", xyz, rgb, faces)
     segs_file = f"{scene}_vh_clean_2.0.010000.segs.json"
-    (scene_dir / segs_file).write_text(json.dumps(
-        {"params": {"kThresh": "0.0001", "segMinVerts": "20"}, "sceneId": scene,
-         "segIndices": segs.tolist()}))
-    (scene_dir / f"{scene}.aggregation.json").write_text(json.dumps(
-        {"sceneId": f"scannet.{scene}", "appId": "synthetic", "segGroups": groups,
-         "segmentsFile": f"scannet.{segs_file}"}))
+    (scene_dir / segs_file).write_text(
+        json.dumps(
+            {
+                "params": {"kThresh": "0.0001", "segMinVerts": "20"},
+                "sceneId": scene,
+                "segIndices": segs.tolist(),
+            }
+        )
+    )
+    (scene_dir / f"{scene}.aggregation.json").write_text(
+        json.dumps(
+            {
+                "sceneId": f"scannet.{scene}",
+                "appId": "synthetic",
+                "segGroups": groups,
+                "segmentsFile": f"scannet.{segs_file}",
+            }
+        )
+    )
 
 
 def write_scannet_label_map(path: Path) -> None:
     """A label-map tsv with the official columns, for every raw category the scenes use."""
-    header = ["id", "raw_category", "category", "count", "nyu40id", "eigen13id", "nyuClass", "nyu40class",
-              "eigen13class", "ModelNet40", "ModelNet10", "ShapeNetCore55", "synsetoffset", "wnsynsetid",
-              "wnsynsetkey", "mpcat40", "mpcat40index"]
+    header = [
+        "id",
+        "raw_category",
+        "category",
+        "count",
+        "nyu40id",
+        "eigen13id",
+        "nyuClass",
+        "nyu40class",
+        "eigen13class",
+        "ModelNet40",
+        "ModelNet10",
+        "ShapeNetCore55",
+        "synsetoffset",
+        "wnsynsetid",
+        "wnsynsetkey",
+        "mpcat40",
+        "mpcat40index",
+    ]
     rows = []
     for cls, raws in SCANNET_RAW.items():
         nyu40id, nyu40class = NYU40[cls]
@@ -518,8 +628,9 @@ def prepare_top(top: Path) -> None:
     )
 
 
-def make_synthetic_3d(dataset: str, out: str | os.PathLike, num_train: int, num_val: int, seed: int,
-                      workers: int = 1) -> Path:
+def make_synthetic_3d(
+    dataset: str, out: str | os.PathLike, num_train: int, num_val: int, seed: int, workers: int = 1
+) -> Path:
     """Write ``num_train`` training and ``num_val`` test rooms of ``dataset`` in its raw layout under ``out``.
 
     Returns the dataset's top folder (``out/S3DIS`` or ``out/ScanNet``); the caller runs the preparation.
@@ -536,8 +647,10 @@ def make_synthetic_3d(dataset: str, out: str | os.PathLike, num_train: int, num_
     schedule = {1: room_schedule(dataset, num_train, seed, 1), 2: room_schedule(dataset, num_val, seed, 2)}
     # The first training room with clutter writes one clutter object as stairs_1.txt.
     stairs = next((i for i, objects in enumerate(schedule[1]) if "clutter" in objects), -1)
-    jobs = [(dataset, str(folder), rel, stream, i, schedule[stream][i], seed, stream == 1 and i == stairs)
-            for _, rel, stream, i in room_names(dataset, num_train, num_val)]
+    jobs = [
+        (dataset, str(folder), rel, stream, i, schedule[stream][i], seed, stream == 1 and i == stairs)
+        for _, rel, stream, i in room_names(dataset, num_train, num_val)
+    ]
     if workers > 1 and len(jobs) > 1:
         methods = multiprocessing.get_all_start_methods()
         ctx = multiprocessing.get_context("fork" if "fork" in methods else None)

@@ -138,9 +138,17 @@ def build_datasets(opts: Any) -> DatasetBundle:
     test_only = {"filter_blocks": False} if point_clouds else {"test_on_val": opts.test_on_val}
 
     train_dst: Dataset = dataset_cls(
-        root=opts.data_root, train=True, transform=train_tf, labels=list(labels),
-        labels_old=list(labels_old), idxs_path=cache / f"train-{step}.npy", masking=masking,
-        overlap=opts.overlap, data_masking=opts.data_masking, test_on_val=opts.test_on_val, step=step,
+        root=opts.data_root,
+        train=True,
+        transform=train_tf,
+        labels=list(labels),
+        labels_old=list(labels_old),
+        idxs_path=cache / f"train-{step}.npy",
+        masking=masking,
+        overlap=opts.overlap,
+        data_masking=opts.data_masking,
+        test_on_val=opts.test_on_val,
+        step=step,
         **common,
     )
     if opts.cross_val:
@@ -150,20 +158,39 @@ def build_datasets(opts: Any) -> DatasetBundle:
         train_dst, val_dst = random_split(train_dst, [train_len, len(train_dst) - train_len])
     else:
         val_dst = dataset_cls(
-            root=opts.data_root, train=False, transform=eval_tf, labels=list(labels),
-            labels_old=list(labels_old), idxs_path=cache / f"val-{step}.npy", masking=masking,
-            overlap=True, data_masking=opts.data_masking, step=step, **common,
+            root=opts.data_root,
+            train=False,
+            transform=eval_tf,
+            labels=list(labels),
+            labels_old=list(labels_old),
+            idxs_path=cache / f"val-{step}.npy",
+            masking=masking,
+            overlap=True,
+            data_masking=opts.data_masking,
+            step=step,
+            **common,
         )
     image_set = "train" if opts.val_on_trainset else "val"
     # Reference behaviour (RN-03): the test set holds every seen class with no "old" ones, so it is
     # filtered to images with at least one seen class and future classes become background.
     test_dst = dataset_cls(
-        root=opts.data_root, train=opts.val_on_trainset, transform=eval_tf, labels=list(labels_cum),
-        idxs_path=cache / f"test_on_{image_set}-{step}.npy", step=step, ignore_test_bg=opts.ignore_test_bg,
-        **test_only, **common,
+        root=opts.data_root,
+        train=opts.val_on_trainset,
+        transform=eval_tf,
+        labels=list(labels_cum),
+        idxs_path=cache / f"test_on_{image_set}-{step}.npy",
+        step=step,
+        ignore_test_bg=opts.ignore_test_bg,
+        **test_only,
+        **common,
     )
     n_classes = len(CITYSCAPES_CLASSES) if opts.dataset == "cityscapes_domain" else len(labels_cum)
     return DatasetBundle(
-        train=train_dst, val=val_dst, test=test_dst, labels=list(labels), labels_old=list(labels_old),
-        labels_cum=list(labels_cum), n_classes=n_classes,
+        train=train_dst,
+        val=val_dst,
+        test=test_dst,
+        labels=list(labels),
+        labels_old=list(labels_old),
+        labels_cum=list(labels_cum),
+        n_classes=n_classes,
     )

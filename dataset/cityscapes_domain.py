@@ -20,21 +20,72 @@ from .incremental import IGNORE, ImageLabelPairs, IncrementalSegmentationDataset
 
 #: City -> domain id: the 18 train cities, then the 3 val cities.
 CITY_TO_DOMAIN: dict[str, int] = {
-    "aachen": 0, "bremen": 1, "darmstadt": 2, "erfurt": 3, "hanover": 4, "krefeld": 5, "strasbourg": 6,
-    "tubingen": 7, "weimar": 8, "bochum": 9, "cologne": 10, "dusseldorf": 11, "hamburg": 12, "jena": 13,
-    "monchengladbach": 14, "stuttgart": 15, "ulm": 16, "zurich": 17,
-    "frankfurt": 18, "lindau": 19, "munster": 20,
+    "aachen": 0,
+    "bremen": 1,
+    "darmstadt": 2,
+    "erfurt": 3,
+    "hanover": 4,
+    "krefeld": 5,
+    "strasbourg": 6,
+    "tubingen": 7,
+    "weimar": 8,
+    "bochum": 9,
+    "cologne": 10,
+    "dusseldorf": 11,
+    "hamburg": 12,
+    "jena": 13,
+    "monchengladbach": 14,
+    "stuttgart": 15,
+    "ulm": 16,
+    "zurich": 17,
+    "frankfurt": 18,
+    "lindau": 19,
+    "munster": 20,
 }
 
 #: Standard Cityscapes labelIds -> trainIds; every other id is ignored (255).
 LABEL_ID_TO_TRAIN_ID: dict[int, int] = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
-    27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
 }
 
 CITYSCAPES_CLASSES: list[str] = [
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
 ]
 
 CITYSCAPES_HINT = (
@@ -137,9 +188,17 @@ class CityscapesSegmentationIncrementalDomain(IncrementalSegmentationDataset):
         # Reference behaviour (RN-09): train and test each shuffle their own filtered list with
         # RandomState(1) and split it 80/20, so a test image may have been trained on.
         super().__init__(
-            full.images, labels=labels, labels_old=None, transform=transform, idxs_path=idxs_path,
-            overlap=overlap, train=train, holdout=labels is not None, data_root=root,
-            split_signature=full.signature(), **base_kwargs(kwargs),
+            full.images,
+            labels=labels,
+            labels_old=None,
+            transform=transform,
+            idxs_path=idxs_path,
+            overlap=overlap,
+            train=train,
+            holdout=labels is not None,
+            data_root=root,
+            split_signature=full.signature(),
+            **base_kwargs(kwargs),
         )
 
     def compute_indices(self) -> np.ndarray:

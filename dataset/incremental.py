@@ -533,8 +533,9 @@ class IncrementalSegmentationDataset(Dataset):
                 try:
                     cache.save(idxs)
                 except OSError as exc:
-                    logger.warning("Could not write the index cache %s (%s); continuing without it.",
-                                   cache.path, exc)
+                    logger.warning(
+                        "Could not write the index cache %s (%s); continuing without it.", cache.path, exc
+                    )
         return idxs
 
     def compute_indices(self) -> np.ndarray:
@@ -542,7 +543,9 @@ class IncrementalSegmentationDataset(Dataset):
         ``filter_images``)."""
         name = self.idxs_path.stem if self.idxs_path is not None else "split"
         presence, problem = scan_masks(
-            self.samples, workers=self.scan_workers, progress=self.progress,
+            self.samples,
+            workers=self.scan_workers,
+            progress=self.progress,
             desc=f"Filtering {type(self).__name__} {name}",
         )
         if problem is not None:
@@ -564,8 +567,9 @@ class IncrementalSegmentationDataset(Dataset):
             )
         idxs = select_indices(presence, self.labels, self.labels_old, self.overlap)
         if is_main_process():
-            logger.info("%s %s: kept %d of %d images.", type(self).__name__, name, idxs.size,
-                        len(self.samples))
+            logger.info(
+                "%s %s: kept %d of %d images.", type(self).__name__, name, idxs.size, len(self.samples)
+            )
         return idxs
 
     def __len__(self) -> int:

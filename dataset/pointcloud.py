@@ -100,8 +100,12 @@ class PointCloudBlocks:
     """
 
     def __init__(
-        self, dataset: str, root: str | os.PathLike, split: str = "train",
-        block_size: float = DEFAULT_BLOCK_SIZE, stride: float = DEFAULT_STRIDE,
+        self,
+        dataset: str,
+        root: str | os.PathLike,
+        split: str = "train",
+        block_size: float = DEFAULT_BLOCK_SIZE,
+        stride: float = DEFAULT_STRIDE,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
@@ -130,32 +134,47 @@ class PointCloudBlocks:
             raw = self.root / spec.top
             nested = self.root / blocks_dirname(block_size, stride) / MANIFEST
             if nested.is_file() or self.root.name == spec.top:
-                problem = (f"--data_root {self.root} is the {spec.top} folder itself; pass the folder that "
-                           f"contains {spec.top}/ ({self.root.parent}).")
+                problem = (
+                    f"--data_root {self.root} is the {spec.top} folder itself; pass the folder that "
+                    f"contains {spec.top}/ ({self.root.parent})."
+                )
             elif raw.is_dir():
-                problem = (f"The {spec.name} download in {raw} has not been cut into blocks yet "
-                           f"({self.manifest_path} is missing; {found_in(raw)}): run {prepare} first.")
+                problem = (
+                    f"The {spec.name} download in {raw} has not been cut into blocks yet "
+                    f"({self.manifest_path} is missing; {found_in(raw)}): run {prepare} first."
+                )
             else:
-                problem = (f"{spec.name} was not found under --data_root: {raw} does not exist "
-                           f"({found_in(self.root)}).")
+                problem = (
+                    f"{spec.name} was not found under --data_root: {raw} does not exist "
+                    f"({found_in(self.root)})."
+                )
             raise DatasetError(f"{problem} {spec.hint}")
         try:
             manifest = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise DatasetError(f"Cannot read {path} ({exc}); run {prepare} again.") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-            raise DatasetError(f"{path} was written by another version of the preparation; run {prepare} "
-                               "again (add --force to redo every room).")
+            raise DatasetError(
+                f"{path} was written by another version of the preparation; run {prepare} "
+                "again (add --force to redo every room)."
+            )
         if manifest.get("dataset") != spec.name or manifest.get("classes") != list(spec.classes):
-            raise DatasetError(f"{path} describes {manifest.get('dataset')!r} blocks, not {spec.name}; "
-                               f"check --dataset and --data_root.")
+            raise DatasetError(
+                f"{path} describes {manifest.get('dataset')!r} blocks, not {spec.name}; "
+                f"check --dataset and --data_root."
+            )
         return manifest
 
     def signature(self) -> dict[str, Any]:
         """Identity of the prepared blocks for the split caches: manifest file, size, mtime and split."""
         st = self.manifest_path.stat()
-        return {"manifest": str(self.manifest_path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                "split": self.split, "num_blocks": len(self.names)}
+        return {
+            "manifest": str(self.manifest_path.resolve()),
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "split": self.split,
+            "num_blocks": len(self.names),
+        }
 
 
 class PointCloudSegmentationIncremental(IncrementalSegmentationDataset):
@@ -207,16 +226,26 @@ class PointCloudSegmentationIncremental(IncrementalSegmentationDataset):
         split = "train" if train else "test"
         self.blocks = PointCloudBlocks(self.dataset_name, root, split, block_size, stride)
         super().__init__(
-            [(path, name) for path, name in zip(self.blocks.paths, self.blocks.names)], labels=labels,
-            labels_old=labels_old, transform=transform if transform is not None else eval_transform_3d(),
-            idxs_path=idxs_path, overlap=overlap, train=train, data_root=root,
-            split_signature=self.blocks.signature(), **base_kwargs(kwargs),
+            [(path, name) for path, name in zip(self.blocks.paths, self.blocks.names)],
+            labels=labels,
+            labels_old=labels_old,
+            transform=transform if transform is not None else eval_transform_3d(),
+            idxs_path=idxs_path,
+            overlap=overlap,
+            train=train,
+            data_root=root,
+            split_signature=self.blocks.signature(),
+            **base_kwargs(kwargs),
         )
 
     def cache_signature(self) -> dict[str, Any]:
         """The base signature plus the presence thresholds and whether blocks are selected at all."""
-        return {**super().cache_signature(), "min_ratio": MIN_RATIO, "min_points": MIN_POINTS,
-                "filter_blocks": self.filter_blocks}
+        return {
+            **super().cache_signature(),
+            "min_ratio": MIN_RATIO,
+            "min_points": MIN_POINTS,
+            "filter_blocks": self.filter_blocks,
+        }
 
     def compute_indices(self) -> np.ndarray:
         """Blocks of the step from the per-class point counts of the manifest (no file is read)."""
@@ -242,8 +271,10 @@ class PointCloudSegmentationIncremental(IncrementalSegmentationDataset):
             DatasetError: the file is missing, unreadable or not an (n, 7) array of labels 0..C-1.
         """
         path = self.samples[index][0]
-        redo = (f"Run `python data/prepare_3d.py --dataset {self.dataset_name} --data_root "
-                f"{self.blocks.root} --force` to prepare the blocks again.")
+        redo = (
+            f"Run `python data/prepare_3d.py --dataset {self.dataset_name} --data_root "
+            f"{self.blocks.root} --force` to prepare the blocks again."
+        )
         try:
             block = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:

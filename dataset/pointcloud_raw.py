@@ -52,12 +52,42 @@ logger = get_logger("dataset")
 #: Class names by class id. S3DIS: the 13 classes of s3dis_classnames.txt after a background 0 that no
 #: point carries. ScanNet: "unannotated" (background) and the 20 benchmark classes of scannet_classnames.txt.
 S3DIS_CLASSES: list[str] = [
-    "background", "ceiling", "floor", "wall", "beam", "column", "window", "door", "table", "chair", "sofa",
-    "bookcase", "board", "clutter",
+    "background",
+    "ceiling",
+    "floor",
+    "wall",
+    "beam",
+    "column",
+    "window",
+    "door",
+    "table",
+    "chair",
+    "sofa",
+    "bookcase",
+    "board",
+    "clutter",
 ]
 SCANNET_CLASSES: list[str] = [
-    "unannotated", "wall", "floor", "chair", "table", "desk", "bed", "bookshelf", "sofa", "sink", "bathtub",
-    "toilet", "curtain", "counter", "door", "window", "shower curtain", "refrigerator", "picture", "cabinet",
+    "unannotated",
+    "wall",
+    "floor",
+    "chair",
+    "table",
+    "desk",
+    "bed",
+    "bookshelf",
+    "sofa",
+    "sink",
+    "bathtub",
+    "toilet",
+    "curtain",
+    "counter",
+    "door",
+    "window",
+    "shower curtain",
+    "refrigerator",
+    "picture",
+    "cabinet",
     "otherfurniture",
 ]
 #: NYU40 id of each ScanNet class (the benchmark's VALID_CLASS_IDS), in SCANNET_CLASSES order from 1.
@@ -154,8 +184,9 @@ def read_s3dis_annotation(path: Path) -> np.ndarray:
     """
     raw = path.read_bytes()
     if b"\x00" in raw:
-        logger.info("%s: dropped %d NUL byte(s) (a known defect of the S3DIS download).", path,
-                    raw.count(b"\x00"))
+        logger.info(
+            "%s: dropped %d NUL byte(s) (a known defect of the S3DIS download).", path, raw.count(b"\x00")
+        )
         raw = raw.replace(b"\x00", b"")
     if not raw.strip():
         return np.zeros((0, 6), dtype=np.float64)
@@ -193,9 +224,22 @@ def s3dis_room_points(room_dir: Path) -> np.ndarray:
 
 
 _PLY_TYPES = {
-    "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
-    "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
-    "float": "f4", "float32": "f4", "double": "f8", "float64": "f8",
+    "char": "i1",
+    "int8": "i1",
+    "uchar": "u1",
+    "uint8": "u1",
+    "short": "i2",
+    "int16": "i2",
+    "ushort": "u2",
+    "uint16": "u2",
+    "int": "i4",
+    "int32": "i4",
+    "uint": "u4",
+    "uint32": "u4",
+    "float": "f4",
+    "float32": "f4",
+    "double": "f8",
+    "float64": "f8",
 }
 
 
@@ -223,8 +267,9 @@ def _ply_header(f: Any, path: Path) -> tuple[str, list[tuple[str, int, list[tupl
     raise DatasetError(f"{path}: the PLY header has no end_header line (truncated file?). {SCANNET_HINT}")
 
 
-def read_ply_vertices(path: Path, names: Sequence[str] = ("x", "y", "z", "red", "green", "blue")
-                      ) -> np.ndarray:
+def read_ply_vertices(
+    path: Path, names: Sequence[str] = ("x", "y", "z", "red", "green", "blue")
+) -> np.ndarray:
     """The ``names`` properties of the vertices of a PLY file as (n, len(names)) float64.
 
     Reads ascii and binary (little or big endian) files whose vertex element has scalar properties and
@@ -242,8 +287,10 @@ def read_ply_vertices(path: Path, names: Sequence[str] = ("x", "y", "z", "red", 
         if any(kind is None for _, kind in props):
             if element == "vertex":
                 raise DatasetError(f"{path}: PLY vertices with list properties are not supported.")
-            raise DatasetError(f"{path}: the PLY element {element!r} with list properties comes before the "
-                               "vertices; only files with the vertices first are supported.")
+            raise DatasetError(
+                f"{path}: the PLY element {element!r} with list properties comes before the "
+                "vertices; only files with the vertices first are supported."
+            )
         dtype = np.dtype([(name, endian + kind) for name, kind in props])
         if element == "vertex":
             missing = [n for n in names if n not in dtype.names]
@@ -268,8 +315,9 @@ def read_ply_vertices(path: Path, names: Sequence[str] = ("x", "y", "z", "red", 
                 f.seek(body_start + offset_bytes)
                 buffer = f.read(count * dtype.itemsize)
             if len(buffer) < count * dtype.itemsize:
-                raise DatasetError(f"The PLY file {path} is truncated: it ends inside the vertex list. "
-                                   f"{SCANNET_HINT}")
+                raise DatasetError(
+                    f"The PLY file {path} is truncated: it ends inside the vertex list. {SCANNET_HINT}"
+                )
             vertices = np.frombuffer(buffer, dtype=dtype, count=count)
             return np.stack([vertices[n].astype(np.float64) for n in names], axis=1)
         offset_rows += count
@@ -363,7 +411,9 @@ def scannet_scene_points(scene_dir: Path, label_map: dict[str, int]) -> np.ndarr
 
 
 def room_to_blocks(
-    points: np.ndarray, block_size: float = DEFAULT_BLOCK_SIZE, stride: float = DEFAULT_STRIDE,
+    points: np.ndarray,
+    block_size: float = DEFAULT_BLOCK_SIZE,
+    stride: float = DEFAULT_STRIDE,
     min_points: int = DEFAULT_MIN_POINTS,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Cut a room into blocks, as 3DPC-CISS ``room2blocks``.
@@ -418,8 +468,15 @@ class RoomJob:
     split: str  # "train" or "test"
 
 
-def _misplaced_download(data_root: Path, name: str, top_name: str, raw_name: str, raw_title: str,
-                        raw_content: str, companion: str | None = None) -> str:
+def _misplaced_download(
+    data_root: Path,
+    name: str,
+    top_name: str,
+    raw_name: str,
+    raw_title: str,
+    raw_content: str,
+    companion: str | None = None,
+) -> str:
     """Why ``data_root/top_name/raw_name`` (the raw download) is missing, from what ``data_root`` holds.
 
     Args:
@@ -432,16 +489,21 @@ def _misplaced_download(data_root: Path, name: str, top_name: str, raw_name: str
     top = data_root / top_name
     raw = top / raw_name
     if data_root.name == raw_name or any(data_root.glob(raw_content)):
-        return (f"--data_root {data_root} looks like {raw_title} itself; pass the folder that contains "
-                f"{top_name}/{raw_name}/ instead.")
+        return (
+            f"--data_root {data_root} looks like {raw_title} itself; pass the folder that contains "
+            f"{top_name}/{raw_name}/ instead."
+        )
     if (data_root / raw_name).is_dir() and data_root.name == top_name:
-        return (f"--data_root {data_root} is the {top_name} folder itself; pass its parent "
-                f"{data_root.parent} instead.")
+        return (
+            f"--data_root {data_root} is the {top_name} folder itself; pass its parent "
+            f"{data_root.parent} instead."
+        )
     if (data_root / raw_name).is_dir():
         if companion is None:
             return f"{data_root / raw_name} exists but must be moved to {raw}."
-        return (f"{data_root / raw_name} exists but must be in {top}/ (with {companion}): move both into "
-                f"{top}.")
+        return (
+            f"{data_root / raw_name} exists but must be in {top}/ (with {companion}): move both into {top}."
+        )
     return f"{name} was not found: {raw} does not exist ({found_in(top if top.is_dir() else data_root)})."
 
 
@@ -453,8 +515,9 @@ def list_s3dis_rooms(data_root: Path) -> list[RoomJob]:
     """
     raw = data_root / S3DIS_DIR / S3DIS_RAW
     if not raw.is_dir():
-        problem = _misplaced_download(data_root, "S3DIS", S3DIS_DIR, S3DIS_RAW, "the S3DIS folder",
-                                      "Area_[0-9]*")
+        problem = _misplaced_download(
+            data_root, "S3DIS", S3DIS_DIR, S3DIS_RAW, "the S3DIS folder", "Area_[0-9]*"
+        )
         raise DatasetError(f"{problem} {S3DIS_HINT}")
     areas = sorted(p for p in raw.glob("Area_*") if p.is_dir())
     if not areas:
@@ -505,12 +568,20 @@ def list_scannet_scenes(data_root: Path, val_scenes: Iterable[str]) -> list[Room
     top = data_root / SCANNET_DIR
     scans = top / SCANNET_SCANS
     if not scans.is_dir():
-        problem = _misplaced_download(data_root, "ScanNet", SCANNET_DIR, SCANNET_SCANS,
-                                      "the ScanNet scans folder", "scene[0-9]*_[0-9]*", SCANNET_LABEL_MAP)
+        problem = _misplaced_download(
+            data_root,
+            "ScanNet",
+            SCANNET_DIR,
+            SCANNET_SCANS,
+            "the ScanNet scans folder",
+            "scene[0-9]*_[0-9]*",
+            SCANNET_LABEL_MAP,
+        )
         raise DatasetError(f"{problem} {SCANNET_HINT}")
     if not (top / SCANNET_LABEL_MAP).is_file():
-        raise DatasetError(f"The ScanNet label map {top / SCANNET_LABEL_MAP} is missing ({found_in(top)}). "
-                           f"{SCANNET_HINT}")
+        raise DatasetError(
+            f"The ScanNet label map {top / SCANNET_LABEL_MAP} is missing ({found_in(top)}). {SCANNET_HINT}"
+        )
     scenes = sorted(p for p in scans.iterdir() if p.is_dir() and p.name.startswith("scene"))
     if not scenes:
         raise DatasetError(f"No scene*/ folder in {scans} ({found_in(scans)}). {SCANNET_HINT}")
@@ -524,14 +595,20 @@ def list_scannet_scenes(data_root: Path, val_scenes: Iterable[str]) -> list[Room
     val = set(val_scenes)
     rooms = [RoomJob(s.name, str(s), "test" if s.name in val else "train") for s in scenes]
     if not any(r.split == "test" for r in rooms):
-        logger.warning("No scene of %s is in the validation list: the ScanNet test split will be empty.",
-                       scans)
+        logger.warning(
+            "No scene of %s is in the validation list: the ScanNet test split will be empty.", scans
+        )
     return rooms
 
 
 def _settings(dataset: str, block_size: float, stride: float, min_points: int) -> dict[str, Any]:
-    return {"format": MANIFEST_FORMAT, "dataset": dataset, "block_size": float(block_size),
-            "stride": float(stride), "min_points": int(min_points)}
+    return {
+        "format": MANIFEST_FORMAT,
+        "dataset": dataset,
+        "block_size": float(block_size),
+        "stride": float(stride),
+        "min_points": int(min_points),
+    }
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -556,8 +633,14 @@ def _prepare_room(job: tuple[RoomJob, str, dict[str, Any], dict[str, int] | None
         np.save(out_dir / "data" / f"{name}.npy", block)
         counts = np.bincount(block[:, 6].astype(np.int64), minlength=num_classes)
         entries.append({"name": name, "num_points": len(block), "counts": counts.tolist()})
-    record = {"name": room.name, "split": room.split, "num_points": len(points),
-              "extent": [round(float(e), 6) for e in extent], "blocks": entries, "settings": settings}
+    record = {
+        "name": room.name,
+        "split": room.split,
+        "num_points": len(points),
+        "extent": [round(float(e), 6) for e in extent],
+        "blocks": entries,
+        "settings": settings,
+    }
     _write_json(out_dir / ROOM_RECORDS / f"{room.name}.json", record)
     return record
 
@@ -640,8 +723,15 @@ def prepare(
             records[room.name] = record
     if todo:
         manifest_path.unlink(missing_ok=True)  # a manifest only describes a finished preparation
-        logger.info("Cutting %d of %d %s rooms into %s blocks (%d already done) -> %s", len(todo), len(rooms),
-                    dataset, blocks_dirname(block_size, stride), len(records), out)
+        logger.info(
+            "Cutting %d of %d %s rooms into %s blocks (%d already done) -> %s",
+            len(todo),
+            len(rooms),
+            dataset,
+            blocks_dirname(block_size, stride),
+            len(records),
+            out,
+        )
     for done, record in enumerate(_pool_map(_prepare_room, todo, workers), start=1):
         records[record["name"]] = record
         if done % 50 == 0 or done == len(todo):
@@ -660,6 +750,13 @@ def prepare(
         _write_json(manifest_path, manifest)
     num_blocks = sum(len(r["blocks"]) for r in manifest["rooms"])
     num_test = sum(len(r["blocks"]) for r in manifest["rooms"] if r["split"] == "test")
-    logger.info("%s: %d rooms -> %d blocks (%d train, %d test) in %s", dataset, len(rooms), num_blocks,
-                num_blocks - num_test, num_test, out)
+    logger.info(
+        "%s: %d rooms -> %d blocks (%d train, %d test) in %s",
+        dataset,
+        len(rooms),
+        num_blocks,
+        num_blocks - num_test,
+        num_test,
+        out,
+    )
     return out

@@ -89,7 +89,10 @@ class PointCloudTransform:
     """
 
     def __init__(
-        self, num_points: int = 2048, augmentation: Augmentation | None = None, xyz_norm: str = "block",
+        self,
+        num_points: int = 2048,
+        augmentation: Augmentation | None = None,
+        xyz_norm: str = "block",
         seed: int = 0,
     ) -> None:
         if num_points < 1:
@@ -137,8 +140,10 @@ class PointCloudTransform:
         return torch.from_numpy(np.ascontiguousarray(points.T, dtype=np.float32)), torch.from_numpy(labels)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(num_points={self.num_points}, augmentation={self.augmentation}, "
-                f"xyz_norm={self.xyz_norm!r})")
+        return (
+            f"{type(self).__name__}(num_points={self.num_points}, augmentation={self.augmentation}, "
+            f"xyz_norm={self.xyz_norm!r})"
+        )
 
 
 def __getattr__(name: str) -> Any:

@@ -46,4 +46,3 @@ def train_transform_3d(num_points: int = 2048, xyz_norm: str = "block") -> Point
 def eval_transform_3d(num_points: int = 2048, xyz_norm: str = "block") -> PointCloudTransform:
     """Evaluation preset: deterministic sampling per block, no augmentation."""
     return PointCloudTransform(num_points, None, xyz_norm)
-

@@ -21,8 +21,26 @@ from .incremental import (
 )
 
 VOC_CLASSES: list[str] = [
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
     "tvmonitor",
 ]
 
@@ -175,9 +193,17 @@ class VOCSegmentationIncremental(IncrementalSegmentationDataset):
         self.masking, self.data_masking = masking, data_masking
         full = VOCSegmentation(root, "train" if train else "val", is_aug=True)
         super().__init__(
-            full.images, labels=labels, labels_old=labels_old, transform=transform, idxs_path=idxs_path,
-            overlap=overlap, train=train, holdout=test_on_val, data_root=root,
-            split_signature=full.signature(), **base_kwargs(kwargs),
+            full.images,
+            labels=labels,
+            labels_old=labels_old,
+            transform=transform,
+            idxs_path=idxs_path,
+            overlap=overlap,
+            train=train,
+            holdout=test_on_val,
+            data_root=root,
+            split_signature=full.signature(),
+            **base_kwargs(kwargs),
         )
 
     def build_lut(self) -> np.ndarray:

@@ -68,8 +68,11 @@ def make_voc(root: Path, train=VOC_TRAIN, val=VOC_VAL) -> Path:
         lines = []
         for i, values in enumerate(masks):
             name = f"{split}{i:03d}"
-            _write_pair(voc / "VOCdevkit/VOC2012/JPEGImages" / f"{name}.jpg",
-                        voc / "SegmentationClassAug" / f"{name}.png", _mask(values))
+            _write_pair(
+                voc / "VOCdevkit/VOC2012/JPEGImages" / f"{name}.jpg",
+                voc / "SegmentationClassAug" / f"{name}.png",
+                _mask(values),
+            )
             lines.append(f"/JPEGImages/{name}.jpg /SegmentationClassAug/{name}.png\n")
         (voc / "list" / list_name).write_text("".join(lines))
     return root
@@ -81,8 +84,12 @@ def make_ade(root: Path, train: list[list[int]], val: list[list[int]]) -> Path:
         (ade / "images" / folder).mkdir(parents=True)
         for i, values in enumerate(masks):
             name = f"ADE_{prefix}_{i + 1:08d}"
-            _write_pair(ade / "images" / folder / f"{name}.jpg", ade / "annotations" / folder / f"{name}.png",
-                        _mask(values), palette=False)
+            _write_pair(
+                ade / "images" / folder / f"{name}.jpg",
+                ade / "annotations" / folder / f"{name}.png",
+                _mask(values),
+                palette=False,
+            )
     return root
 
 
@@ -356,9 +363,12 @@ def make_cityscapes(root: Path) -> Path:
             for k in range(5):
                 name = f"{city}_{k:06d}_000019"
                 mask = np.array([[7, 26], [0, 33]], dtype=np.uint8)
-                _write_pair(root / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png",
-                            root / "gtFine" / split / city / f"{name}_gtFine_labelIds.png", mask,
-                            palette=False)
+                _write_pair(
+                    root / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png",
+                    root / "gtFine" / split / city / f"{name}_gtFine_labelIds.png",
+                    mask,
+                    palette=False,
+                )
     return root
 
 
@@ -389,9 +399,22 @@ def synthetic_root(tmp_path_factory):
 
 def fake_opts(root, tmp_path, **kw) -> argparse.Namespace:
     opts = argparse.Namespace(
-        dataset="voc", task="15-5s", step=1, data_root=str(root), crop_size=24, crop_val=True, overlap=True,
-        no_mask=False, data_masking="current", test_on_val=False, val_on_trainset=False, cross_val=False,
-        ignore_test_bg=False, num_workers=0, scan_workers=None, cache_dir=str(tmp_path / "cache"),
+        dataset="voc",
+        task="15-5s",
+        step=1,
+        data_root=str(root),
+        crop_size=24,
+        crop_val=True,
+        overlap=True,
+        no_mask=False,
+        data_masking="current",
+        test_on_val=False,
+        val_on_trainset=False,
+        cross_val=False,
+        ignore_test_bg=False,
+        num_workers=0,
+        scan_workers=None,
+        cache_dir=str(tmp_path / "cache"),
         no_progress=True,
     )
     vars(opts).update(kw)
@@ -441,8 +464,9 @@ def test_build_datasets_loaders_yield_uint8_batches(synthetic_root, tmp_path):
 
 def test_build_datasets_variants(synthetic_root, tmp_path, monkeypatch):
     torch.manual_seed(0)
-    bundle = build_datasets(fake_opts(synthetic_root, tmp_path, cross_val=True, val_on_trainset=True,
-                                      overlap=False))
+    bundle = build_datasets(
+        fake_opts(synthetic_root, tmp_path, cross_val=True, val_on_trainset=True, overlap=False)
+    )
     n = len(bundle.train) + len(bundle.val)
     assert len(bundle.train) == int(0.8 * n)
     cache = tmp_path / "cache/voc/15-5s"

@@ -102,8 +102,14 @@ def test_every_declared_range_has_something_to_refuse():
     # A range that refuses nothing would be a declaration in name only; only options without effect
     # (and --step, whose range depends on --task and is checked against it) may take any finite value.
     unbounded = {a.dest for a in ranged_actions() if a.valid.low is None and a.valid.high is None}
-    assert unbounded == {"num_classes", "step", "step_threshold", "temperature", "temperature_semiold",
-                         "ckpt_interval"}
+    assert unbounded == {
+        "num_classes",
+        "step",
+        "step_threshold",
+        "temperature",
+        "temperature_semiold",
+        "ckpt_interval",
+    }
 
 
 # ---------------------------------------------------------------------------------------------- boundaries
@@ -161,7 +167,10 @@ def test_spp_scales_checks_every_value(capsys):
 def test_python_run_py_prints_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "run.py", "--crop_size", "-3", "--checkpoint", str(tmp_path / "c")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr == (
@@ -195,8 +204,15 @@ def test_range_is_checked_again_on_resolved_options():
 
 @pytest.mark.parametrize(
     ("pseudo", "ok"),
-    [("threshold_0", True), ("threshold_1", True), ("threshold_0.7", True), ("threshold_1.5", False),
-     ("threshold_-0.1", False), ("threshold_nan", False), ("threshold_inf", False)],
+    [
+        ("threshold_0", True),
+        ("threshold_1", True),
+        ("threshold_0.7", True),
+        ("threshold_1.5", False),
+        ("threshold_-0.1", False),
+        ("threshold_nan", False),
+        ("threshold_inf", False),
+    ],
 )
 def test_pseudo_fixed_threshold_is_a_probability(pseudo, ok):
     opts = resolved("--pseudo", pseudo)

@@ -75,8 +75,18 @@ def test_choices_come_from_the_owners():
 
 @pytest.mark.parametrize(
     "mode",
-    ["entropi", "Median", "threshold_", "threshold_x", "threshold_1.5", "threshold_-0.1", "threshold_nan",
-     "threshold_inf", "threshold_-inf", "threshold_1e9"],
+    [
+        "entropi",
+        "Median",
+        "threshold_",
+        "threshold_x",
+        "threshold_1.5",
+        "threshold_-0.1",
+        "threshold_nan",
+        "threshold_inf",
+        "threshold_-inf",
+        "threshold_1e9",
+    ],
 )
 def test_pseudo_refused_alike_by_the_parser_and_the_labeler(mode):
     expected = refusal(lambda: PseudoLabeler(mode, 2))
@@ -84,8 +94,9 @@ def test_pseudo_refused_alike_by_the_parser_and_the_labeler(mode):
     assert expected.startswith(("Unknown --pseudo", "--pseudo threshold_<t>"))
 
 
-@pytest.mark.parametrize("mode", ["naive", "confidence", "median", "entropy", "threshold_0", "threshold_1",
-                                  "threshold_0.25"])
+@pytest.mark.parametrize(
+    "mode", ["naive", "confidence", "median", "entropy", "threshold_0", "threshold_1", "threshold_0.25"]
+)
 def test_pseudo_accepted_alike(mode):
     validate_options(resolved("--pseudo", mode))
     check_pseudo_mode(mode)
@@ -149,6 +160,7 @@ def test_multimodal_fusion_refused_alike_by_the_parser_and_the_model(fusion):
 @pytest.mark.parametrize("data_masking", ["all", "everything", "Current"])
 def test_data_masking_refused_alike_by_the_parser_and_the_datasets(data_masking, tmp_path):
     expected = refusal(lambda: voc_masking_lut([1], [], data_masking))
+
     def voc() -> None:
         VOCSegmentationIncremental(tmp_path, labels=[1], data_masking=data_masking)
 

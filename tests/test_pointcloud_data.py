@@ -22,8 +22,11 @@ S3DIS_RAW = "S3DIS/Stanford3dDataset_v1.2_Aligned_Version"
 
 
 def digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -69,18 +72,24 @@ def test_scannet_raw_layout(tree):
     assert (top / "scannetv2_val.txt").read_text() == "scene0004_00\nscene0005_00\n"
     for scene in scenes:
         d = top / "scans" / scene
-        for name in (f"{scene}_vh_clean_2.ply", f"{scene}_vh_clean_2.0.010000.segs.json",
-                     f"{scene}.aggregation.json"):
+        for name in (
+            f"{scene}_vh_clean_2.ply",
+            f"{scene}_vh_clean_2.0.010000.segs.json",
+            f"{scene}.aggregation.json",
+        ):
             assert (d / name).is_file()
         assert (d / f"{scene}_vh_clean_2.ply").read_bytes().startswith(b"ply\nformat binary_little_endian")
     header = (top / "scannetv2-labels.combined.tsv").read_text().splitlines()[0].split("\t")
     assert header[1] == "raw_category" and header[4] == "nyu40id" and header[7] == "nyu40class"
 
 
-@pytest.mark.parametrize(("top", "classes", "test_rooms"), [
-    ("S3DIS", raw.S3DIS_CLASSES, {"Area_5_office_1", "Area_5_conferenceRoom_1"}),
-    ("ScanNet", raw.SCANNET_CLASSES, {"scene0004_00", "scene0005_00"}),
-])
+@pytest.mark.parametrize(
+    ("top", "classes", "test_rooms"),
+    [
+        ("S3DIS", raw.S3DIS_CLASSES, {"Area_5_office_1", "Area_5_conferenceRoom_1"}),
+        ("ScanNet", raw.SCANNET_CLASSES, {"scene0004_00", "scene0005_00"}),
+    ],
+)
 def test_blocks_and_manifest(tree, top, classes, test_rooms):
     m = manifest(tree, top)
     assert (m["format"], m["block_size"], m["stride"], m["min_points"]) == (1, 1.0, 1.0, 1000)
@@ -120,8 +129,22 @@ def test_generation_is_deterministic_whatever_the_workers(tree, tmp_path):
 
 
 def test_make_synthetic_cli_3d_and_refusal(tmp_path, capsys):
-    syn.main(["--dataset", "s3dis", "--out", str(tmp_path), "--num_train", "1", "--num_val", "1",
-              "--seed", "1", "--workers", "1"])
+    syn.main(
+        [
+            "--dataset",
+            "s3dis",
+            "--out",
+            str(tmp_path),
+            "--num_train",
+            "1",
+            "--num_val",
+            "1",
+            "--seed",
+            "1",
+            "--workers",
+            "1",
+        ]
+    )
     assert "s3dis 1 train + 1 test rooms" in capsys.readouterr().out
     assert (tmp_path / "S3DIS/blocks_bs1_s1/blocks.json").is_file()
     (tmp_path / "S3DIS/SYNTHETIC.txt").unlink()  # now it looks like a real download
@@ -145,23 +168,38 @@ def reference_blocks(
     for i in range(nx):
         for j in range(ny):
             x0, y0 = i * stride, j * stride
-            cond = ((data[:, 0] >= x0) & (data[:, 0] <= x0 + block_size)
-                    & (data[:, 1] >= y0) & (data[:, 1] <= y0 + block_size))
+            cond = (
+                (data[:, 0] >= x0)
+                & (data[:, 0] <= x0 + block_size)
+                & (data[:, 1] >= y0)
+                & (data[:, 1] <= y0 + block_size)
+            )
             if cond.sum() >= min_points:
                 out.append(data[cond].astype(np.float32))
     return out
 
 
-@pytest.mark.parametrize(("block_size", "stride", "min_points"), [
-    (1.0, 1.0, 1000), (1.0, 0.5, 200), (1.5, 1.0, 1), (0.7, 0.35, 50), (2.0, 2.0, 5000),
-])
+@pytest.mark.parametrize(
+    ("block_size", "stride", "min_points"),
+    [
+        (1.0, 1.0, 1000),
+        (1.0, 0.5, 200),
+        (1.5, 1.0, 1),
+        (0.7, 0.35, 50),
+        (2.0, 2.0, 5000),
+    ],
+)
 def test_room_to_blocks_equals_reference(block_size, stride, min_points):
     rng = np.random.default_rng(int(block_size * 10 + stride * 100))
     n = 30000
-    points = np.concatenate([
-        rng.uniform([-3.2, 7.0, 0.1], [1.9, 10.4, 2.8], size=(n, 3)),
-        rng.integers(0, 256, size=(n, 3)), rng.integers(0, 14, size=(n, 1)),
-    ], axis=1)
+    points = np.concatenate(
+        [
+            rng.uniform([-3.2, 7.0, 0.1], [1.9, 10.4, 2.8], size=(n, 3)),
+            rng.integers(0, 256, size=(n, 3)),
+            rng.integers(0, 14, size=(n, 1)),
+        ],
+        axis=1,
+    )
     # Points exactly on block borders belong to both neighbours (inclusive bounds).
     points[:50, 0] = points[:, 0].min() + 1.0
     blocks, extent = raw.room_to_blocks(points, block_size, stride, min_points)
@@ -191,8 +229,9 @@ def test_s3dis_reader_nul_bytes_stairs_and_bad_lines(tmp_path):
     (room / "Annotations/stairs_1.txt").write_text("0 0 0 0 0 0\n")
     (room / "Annotations/empty_1.txt").write_text("")
     points = raw.s3dis_room_points(room)
-    np.testing.assert_array_equal(points[:, 6], [raw.S3DIS_CLASSES.index("chair")] * 2
-                                  + [raw.S3DIS_CLASSES.index("clutter")])
+    np.testing.assert_array_equal(
+        points[:, 6], [raw.S3DIS_CLASSES.index("chair")] * 2 + [raw.S3DIS_CLASSES.index("clutter")]
+    )
     np.testing.assert_allclose(points[1, :6], [1.5, 2.5, 3.5, 1, 2, 3])
     (room / "Annotations/wall_1.txt").write_text("1 2 3 4 5 6\n1 2 3\n")
     with pytest.raises(DatasetError, match=r"wall_1\.txt.*six numbers"):
@@ -206,19 +245,34 @@ def test_s3dis_reader_nul_bytes_stairs_and_bad_lines(tmp_path):
 def test_ply_reader_formats(tmp_path, fmt):
     rng = np.random.default_rng(0)
     xyz, rgb = rng.normal(size=(7, 3)).astype(np.float32), rng.integers(0, 256, size=(7, 3))
-    props = "property float x\nproperty float y\nproperty float z\nproperty uchar red\n" \
-            "property uchar green\nproperty uchar blue\nproperty uchar alpha\n"
-    header = (f"ply\nformat {fmt} 1.0\ncomment test\nelement camera 1\nproperty float view\n"
-              f"element vertex 7\n{props}element face 2\nproperty list uchar int vertex_indices\n"
-              "end_header\n")
+    props = (
+        "property float x\nproperty float y\nproperty float z\nproperty uchar red\n"
+        "property uchar green\nproperty uchar blue\nproperty uchar alpha\n"
+    )
+    header = (
+        f"ply\nformat {fmt} 1.0\ncomment test\nelement camera 1\nproperty float view\n"
+        f"element vertex 7\n{props}element face 2\nproperty list uchar int vertex_indices\n"
+        "end_header\n"
+    )
     if fmt == "ascii":
-        rows = "".join(f"{x!r} {y!r} {z!r} {r} {g} {b} 255\n" for (x, y, z), (r, g, b)
-                       in zip(xyz.tolist(), rgb.tolist()))
+        rows = "".join(
+            f"{x!r} {y!r} {z!r} {r} {g} {b} 255\n" for (x, y, z), (r, g, b) in zip(xyz.tolist(), rgb.tolist())
+        )
         body = ("0.5\n" + rows + "3 0 1 2\n3 2 3 4\n").encode()
     else:
         e = "<" if fmt.endswith("little_endian") else ">"
-        v = np.empty(7, dtype=[("x", e + "f4"), ("y", e + "f4"), ("z", e + "f4"), ("red", "u1"),
-                               ("green", "u1"), ("blue", "u1"), ("alpha", "u1")])
+        v = np.empty(
+            7,
+            dtype=[
+                ("x", e + "f4"),
+                ("y", e + "f4"),
+                ("z", e + "f4"),
+                ("red", "u1"),
+                ("green", "u1"),
+                ("blue", "u1"),
+                ("alpha", "u1"),
+            ],
+        )
         v["x"], v["y"], v["z"] = xyz.T
         v["red"], v["green"], v["blue"], v["alpha"] = *rgb.T, 255
         body = np.array([0.5], dtype=e + "f4").tobytes() + v.tobytes() + b"\x03" + bytes(12)
@@ -361,6 +415,7 @@ def test_prepare_resumes_and_redoes_on_new_settings(tree, tmp_path):
     m = manifest(tmp_path, "S3DIS")
     assert m["min_points"] == 3000
     assert all(b["num_points"] >= 3000 for r in m["rooms"] for b in r["blocks"])
+
     def num_blocks(m: dict) -> int:
         return sum(len(r["blocks"]) for r in m["rooms"])
 

@@ -43,10 +43,22 @@ def root(tmp_path_factory):
 
 def fake_opts(root, tmp_path, **kw) -> argparse.Namespace:
     opts = argparse.Namespace(
-        dataset="scannet", task="15-5", step=1, data_root=str(root), overlap=True, no_mask=False,
-        data_masking="current", test_on_val=False, val_on_trainset=False, cross_val=False,
-        ignore_test_bg=False, num_workers=0, scan_workers=None, cache_dir=str(tmp_path / "cache"),
-        no_progress=True, num_points=256,
+        dataset="scannet",
+        task="15-5",
+        step=1,
+        data_root=str(root),
+        overlap=True,
+        no_mask=False,
+        data_masking="current",
+        test_on_val=False,
+        val_on_trainset=False,
+        cross_val=False,
+        ignore_test_bg=False,
+        num_workers=0,
+        scan_workers=None,
+        cache_dir=str(tmp_path / "cache"),
+        no_progress=True,
+        num_points=256,
     )
     vars(opts).update(kw)
     return opts
@@ -68,8 +80,12 @@ def test_class_presence_threshold():
     n = counts.sum(axis=1)
     presence = class_presence(counts, n)
     assert presence.shape == (4, 256) and not presence[:, 3:].any()
-    assert presence[:, :3].tolist() == [[True, False, True], [False, False, True], [False, True, True],
-                                        [False, False, True]]
+    assert presence[:, :3].tolist() == [
+        [True, False, True],
+        [False, False, True],
+        [False, True, True],
+        [False, False, True],
+    ]
     assert MIN_POINTS == 100
 
 
@@ -89,7 +105,8 @@ def expected_blocks(blocks: PointCloudBlocks, labels, labels_old, overlap: bool)
 
 
 CASES = [("s3dis", t) for t in ("12-1", "8-1_cv1", "8-5", "10-3_cv1")] + [
-    ("scannet", t) for t in ("15-1", "17-3_cv1", "19-1", "15-5_cv1")]
+    ("scannet", t) for t in ("15-1", "17-3_cv1", "19-1", "15-5_cv1")
+]
 
 
 @pytest.mark.parametrize(("name", "task"), CASES)
@@ -105,13 +122,16 @@ def test_step_selection_matches_class2scans(root, name, task, overlap):
         # (Disjoint can be empty: a floor learned later is a future class of nearly every block.)
 
 
-@pytest.mark.parametrize(("name", "task", "step"), [("s3dis", "8-1_cv1", 2), ("scannet", "15-5_cv1", 1),
-                                                    ("scannet", "15-1", 0), ("s3dis", "offline", 0)])
+@pytest.mark.parametrize(
+    ("name", "task", "step"),
+    [("s3dis", "8-1_cv1", 2), ("scannet", "15-5_cv1", 1), ("scannet", "15-1", 0), ("s3dis", "offline", 0)],
+)
 def test_labels_remapped_to_task_order(root, name, task, step):
     labels, labels_old, _ = tasks.get_task_labels(name, task, step)
     order = labels_old + labels  # model class k = k-th class of the task order
-    dst = CLASSES[name](root, train=True, labels=labels, labels_old=labels_old,
-                        transform=eval_transform_3d(512))
+    dst = CLASSES[name](
+        root, train=True, labels=labels, labels_old=labels_old, transform=eval_transform_3d(512)
+    )
     assert len(dst) > 0
     for i in range(min(len(dst), 6)):
         points, target = dst[i]
@@ -163,8 +183,14 @@ def test_no_labels_keeps_every_block_and_raw_ids(root):
 
 def test_eval_transform_is_deterministic_and_well_formed():
     rng = np.random.default_rng(0)
-    block = np.concatenate([rng.uniform([2, 3, 0], [3, 4, 2.7], (3000, 3)), rng.integers(0, 256, (3000, 3)),
-                            rng.integers(1, 14, (3000, 1))], axis=1).astype(np.float32)
+    block = np.concatenate(
+        [
+            rng.uniform([2, 3, 0], [3, 4, 2.7], (3000, 3)),
+            rng.integers(0, 256, (3000, 3)),
+            rng.integers(1, 14, (3000, 1)),
+        ],
+        axis=1,
+    ).astype(np.float32)
     tf = eval_transform_3d(2048)
     a, la = tf(block, 7)
     b, lb = tf(block, 7)
@@ -174,8 +200,9 @@ def test_eval_transform_is_deterministic_and_well_formed():
     xyz, rgb, norm = a[:3], a[3:6], a[6:]
     assert torch.allclose(xyz.min(dim=1).values, torch.zeros(3))  # shifted to the sampled minimum
     assert rgb.min() >= 0 and rgb.max() <= 1
-    assert torch.allclose(norm.min(dim=1).values, torch.zeros(3)) and torch.allclose(norm.max(dim=1).values,
-                                                                                    torch.ones(3))
+    assert torch.allclose(norm.min(dim=1).values, torch.zeros(3)) and torch.allclose(
+        norm.max(dim=1).values, torch.ones(3)
+    )
     # Normalised xyz = xyz / its extent, per axis.
     torch.testing.assert_close(norm, xyz / xyz.max(dim=1, keepdim=True).values)
     # Without replacement when the block is large enough: 2048 distinct points.
@@ -221,8 +248,9 @@ def test_augmentation_matrix_ranges():
 
 def test_train_transform_randomness_and_jitter(monkeypatch):
     rng = np.random.default_rng(2)
-    block = np.concatenate([rng.uniform(0, 1, (4000, 3)), np.full((4000, 3), 128.0), np.ones((4000, 1))],
-                           axis=1).astype(np.float32)
+    block = np.concatenate(
+        [rng.uniform(0, 1, (4000, 3)), np.full((4000, 3), 128.0), np.ones((4000, 1))], axis=1
+    ).astype(np.float32)
     torch.manual_seed(0)
     tf = train_transform_3d(1024)
     a, _ = tf(block, 3)
@@ -234,8 +262,9 @@ def test_train_transform_randomness_and_jitter(monkeypatch):
     jitter_only = PointCloudTransform(1024, Augmentation(rotate=False, jitter=True))
     plain = PointCloudTransform(1024, None)
     seeds = iter([5, 5])
-    monkeypatch.setattr(PointCloudTransform, "generator",
-                        lambda self, key: np.random.default_rng(next(seeds)))
+    monkeypatch.setattr(
+        PointCloudTransform, "generator", lambda self, key: np.random.default_rng(next(seeds))
+    )
     moved, _ = jitter_only(block, 0)
     still, _ = plain(block, 0)
     delta = (moved[:3] - still[:3]).abs()
@@ -291,8 +320,17 @@ def test_loader_batches_have_the_interface_shapes(root, tmp_path):
 
 def test_build_datasets_variants(root, tmp_path, caplog):
     torch.manual_seed(0)
-    opts = fake_opts(root, tmp_path, dataset="s3dis", task="8-5", step=1, cross_val=True,
-                     val_on_trainset=True, overlap=False, test_on_val=True)
+    opts = fake_opts(
+        root,
+        tmp_path,
+        dataset="s3dis",
+        task="8-5",
+        step=1,
+        cross_val=True,
+        val_on_trainset=True,
+        overlap=False,
+        test_on_val=True,
+    )
     with caplog.at_level(logging.WARNING, logger="LGKD.dataset"):
         bundle = build_datasets(opts)
     assert "--test_on_val only applies to VOC" in caplog.text
@@ -324,8 +362,9 @@ def test_split_cache_reused_and_invalidated(root, tmp_path, monkeypatch, caplog)
     monkeypatch.undo()
     # Another selection rule (disjoint) or a new preparation of the blocks: recomputed.
     with caplog.at_level(logging.INFO, logger="LGKD.dataset"):
-        ScanNetSegmentationIncremental(root, labels=labels, labels_old=labels_old, idxs_path=path,
-                                       overlap=False)
+        ScanNetSegmentationIncremental(
+            root, labels=labels, labels_old=labels_old, idxs_path=path, overlap=False
+        )
     assert "overlap: True -> False" in caplog.text
     manifest = root / "ScanNet/blocks_bs1_s1/blocks.json"
     manifest.write_text(manifest.read_text())  # same content, new mtime: the blocks may differ

@@ -17,7 +17,8 @@ syn = load_script_module("data/make_synthetic.py", "make_synthetic_under_test")
 def tree_digest(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -101,9 +102,41 @@ def test_refuses_foreign_tree_and_cli(tmp_path, capsys):
     (tmp_path / "PascalVOC2012").mkdir()
     with pytest.raises(SystemExit, match="refusing"):
         syn.make_synthetic("voc", tmp_path, 2, 2, 32, 0, workers=1)
-    syn.main(["--dataset", "voc", "--out", str(tmp_path / "x"), "--num_train", "3", "--num_val", "2",
-              "--size", "32", "--seed", "0", "--workers", "1"])
+    syn.main(
+        [
+            "--dataset",
+            "voc",
+            "--out",
+            str(tmp_path / "x"),
+            "--num_train",
+            "3",
+            "--num_val",
+            "2",
+            "--size",
+            "32",
+            "--seed",
+            "0",
+            "--workers",
+            "1",
+        ]
+    )
     assert capsys.readouterr().out.count("\n") == 1
-    syn.main(["--dataset", "voc", "--out", str(tmp_path / "x"), "--num_train", "2", "--num_val", "1",
-              "--size", "32", "--seed", "0", "--workers", "1"])  # replaces its own earlier tree
+    syn.main(
+        [
+            "--dataset",
+            "voc",
+            "--out",
+            str(tmp_path / "x"),
+            "--num_train",
+            "2",
+            "--num_val",
+            "1",
+            "--size",
+            "32",
+            "--seed",
+            "0",
+            "--workers",
+            "1",
+        ]
+    )  # replaces its own earlier tree
     assert len(list((tmp_path / "x/PascalVOC2012/SegmentationClassAug").iterdir())) == 3

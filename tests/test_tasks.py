@@ -31,18 +31,20 @@ RANDOM_ORDER_TASKS = [f"15-5s_{letter}" for letter in "bcdefghijklmnopqrstuvw"]
 EXPECTED_PER_STEP.update({("voc", name): [16, 1, 1, 1, 1, 1] for name in RANDOM_ORDER_TASKS})
 # 3D (3DPC-CISS settings), each for class-order fold 0 (plain name) and fold 1 ("_cv1").
 for fold in ("", "_cv1"):
-    EXPECTED_PER_STEP.update({
-        ("s3dis", f"offline{fold}"): [14],
-        ("s3dis", f"12-1{fold}"): [13, 1],
-        ("s3dis", f"10-3{fold}"): [11, 3],
-        ("s3dis", f"8-5{fold}"): [9, 5],
-        ("s3dis", f"8-1{fold}"): [9, 1, 1, 1, 1, 1],
-        ("scannet", f"offline{fold}"): [21],
-        ("scannet", f"19-1{fold}"): [20, 1],
-        ("scannet", f"17-3{fold}"): [18, 3],
-        ("scannet", f"15-5{fold}"): [16, 5],
-        ("scannet", f"15-1{fold}"): [16, 1, 1, 1, 1, 1],
-    })
+    EXPECTED_PER_STEP.update(
+        {
+            ("s3dis", f"offline{fold}"): [14],
+            ("s3dis", f"12-1{fold}"): [13, 1],
+            ("s3dis", f"10-3{fold}"): [11, 3],
+            ("s3dis", f"8-5{fold}"): [9, 5],
+            ("s3dis", f"8-1{fold}"): [9, 1, 1, 1, 1, 1],
+            ("scannet", f"offline{fold}"): [21],
+            ("scannet", f"19-1{fold}"): [20, 1],
+            ("scannet", f"17-3{fold}"): [18, 3],
+            ("scannet", f"15-5{fold}"): [16, 5],
+            ("scannet", f"15-1{fold}"): [16, 1, 1, 1, 1, 1],
+        }
+    )
 
 ALL_TASKS = [(dataset, task) for dataset, table in tasks.TASKS.items() for task in table]
 
@@ -109,8 +111,11 @@ def test_labels_are_copies():
 def test_task_list_concatenates_keys_with_duplicates():
     task_list = tasks.get_task_list()
     assert task_list == (
-        list(tasks.tasks_voc) + list(tasks.tasks_ade) + list(tasks.tasks_cityscapes_domain)
-        + list(tasks.tasks_s3dis) + list(tasks.tasks_scannet)
+        list(tasks.tasks_voc)
+        + list(tasks.tasks_ade)
+        + list(tasks.tasks_cityscapes_domain)
+        + list(tasks.tasks_s3dis)
+        + list(tasks.tasks_scannet)
     )
     assert task_list.count("offline") == 5 and task_list.count("15-5") == 2
     assert len(task_list) == 27 + 5 + 4 + 10 + 10
@@ -147,11 +152,43 @@ def test_task_error_is_a_user_error():
 
 # ---- 3D tasks: the class orders and settings of 3DPC-CISS (dataloaders/s3dis.py, dataloaders/scannet.py)
 
-S3DIS_NAMES = ["ceiling", "floor", "wall", "beam", "column", "window", "door", "table", "chair", "sofa",
-               "bookcase", "board", "clutter"]
-SCANNET_NAMES = ["wall", "floor", "chair", "table", "desk", "bed", "bookshelf", "sofa", "sink", "bathtub",
-                 "toilet", "curtain", "counter", "door", "window", "shower curtain", "refrigerator",
-                 "picture", "cabinet", "otherfurniture"]
+S3DIS_NAMES = [
+    "ceiling",
+    "floor",
+    "wall",
+    "beam",
+    "column",
+    "window",
+    "door",
+    "table",
+    "chair",
+    "sofa",
+    "bookcase",
+    "board",
+    "clutter",
+]
+SCANNET_NAMES = [
+    "wall",
+    "floor",
+    "chair",
+    "table",
+    "desk",
+    "bed",
+    "bookshelf",
+    "sofa",
+    "sink",
+    "bathtub",
+    "toilet",
+    "curtain",
+    "counter",
+    "door",
+    "window",
+    "shower curtain",
+    "refrigerator",
+    "picture",
+    "cabinet",
+    "otherfurniture",
+]
 
 
 def ids(names: list[str], vocabulary: list[str]) -> list[int]:
@@ -172,21 +209,44 @@ def test_3d_tasks_match_3dpc_ciss_lists():
     # A few settings written out by class name, as 3DPC-CISS lists them.
     labels, old, path = tasks.get_task_labels("s3dis", "12-1_cv1", 1)
     assert labels == ids(["window"], S3DIS_NAMES) and path == "data/s3dis/12-1_cv1"
-    assert old == [0, *ids(["beam", "board", "bookcase", "ceiling", "chair", "clutter", "column", "door",
-                            "floor", "sofa", "table", "wall"], S3DIS_NAMES)]
+    assert old == [
+        0,
+        *ids(
+            [
+                "beam",
+                "board",
+                "bookcase",
+                "ceiling",
+                "chair",
+                "clutter",
+                "column",
+                "door",
+                "floor",
+                "sofa",
+                "table",
+                "wall",
+            ],
+            S3DIS_NAMES,
+        ),
+    ]
     assert tasks.get_task_labels("s3dis", "10-3", 1)[0] == ids(["bookcase", "board", "clutter"], S3DIS_NAMES)
     assert tasks.get_task_labels("s3dis", "8-5_cv1", 1)[0] == ids(
-        ["floor", "sofa", "table", "wall", "window"], S3DIS_NAMES)
+        ["floor", "sofa", "table", "wall", "window"], S3DIS_NAMES
+    )
     # 8-1: the five classes of 8-5 one at a time, in the same order.
     assert [tasks.get_task_labels("s3dis", "8-1", s)[0][0] for s in range(1, 6)] == ids(
-        ["chair", "sofa", "bookcase", "board", "clutter"], S3DIS_NAMES)
+        ["chair", "sofa", "bookcase", "board", "clutter"], S3DIS_NAMES
+    )
     assert tasks.get_task_labels("scannet", "19-1", 1)[0] == ids(["otherfurniture"], SCANNET_NAMES)
     assert tasks.get_task_labels("scannet", "17-3_cv1", 1)[0] == ids(
-        ["toilet", "wall", "window"], SCANNET_NAMES)
+        ["toilet", "wall", "window"], SCANNET_NAMES
+    )
     assert [tasks.get_task_labels("scannet", "15-1_cv1", s)[0][0] for s in range(1, 6)] == ids(
-        ["sofa", "table", "toilet", "wall", "window"], SCANNET_NAMES)
+        ["sofa", "table", "toilet", "wall", "window"], SCANNET_NAMES
+    )
     assert tasks.get_task_labels("scannet", "15-5", 1)[0] == ids(
-        ["shower curtain", "refrigerator", "picture", "cabinet", "otherfurniture"], SCANNET_NAMES)
+        ["shower curtain", "refrigerator", "picture", "cabinet", "otherfurniture"], SCANNET_NAMES
+    )
     assert tasks.get_per_task_classes("scannet", "15-1", 3) == [16, 1, 1, 1]
 
 

@@ -23,6 +23,7 @@ from utils.errors import UserError
 
 T = TypeVar("T")
 
+
 @dataclass(frozen=True)
 class DistInfo:
     """Where this process stands: global rank, world size, local rank and its device."""

@@ -346,4 +346,3 @@ class PseudoLabeler:
             if self.classif_adaptive_min_factor:
                 factor = factor.clamp(min=self.classif_adaptive_min_factor)
         return PseudoLabels(new_labels, mask_background, mask_valid, factor, pseudo_targets=pseudo)
-
