@@ -10,7 +10,7 @@ help:
 	@echo "make demo       run the continual-learning demo on synthetic data (CPU, ~10 min)"
 	@echo "make test       fast test suite (CPU)"
 	@echo "make test-slow  end-to-end tests (run.py, torchrun on gloo, resume)"
-	@echo "make lint       ruff check"
+	@echo "make lint       ruff check and ruff format --check (make format fixes the layout)"
 	@echo "make bench      benchmarks in smoke mode"
 	@echo "make gpu-check  prove a GPU install: CUDA tests, figures, a torchrun job (~8 min, GPU)"
 	@echo "                report in results/gpu_check/; extra options: GPU_CHECK_ARGS=\"--budget 600\""
@@ -34,6 +34,7 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
