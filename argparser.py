@@ -211,6 +211,20 @@ class OptionParser(argparse.ArgumentParser):
             )
         self.exit(2)
 
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        # argparse lists the choices as declared. --task's are the union of every dataset's task names
+        # (reference ``get_task_list``), where 'offline' stands five times and '19-1' twice: a refused task
+        # is answered with the tasks of each dataset instead, and any other list without repeats.
+        if action.choices is None or value in action.choices:
+            return
+        if action.dest == "task":
+            listing = "; ".join(f"{name}: {', '.join(table)}" for name, table in tasks.TASKS.items())
+            raise argparse.ArgumentError(
+                action, f"invalid choice: {value!r}. The tasks of each dataset are {listing}"
+            )
+        choices = ", ".join(map(repr, dict.fromkeys(action.choices)))
+        raise argparse.ArgumentError(action, f"invalid choice: {value!r} (choose from {choices})")
+
     def explicit_dests(self, args: Sequence[str] | None = None) -> frozenset[str]:
         """The options (``dest`` names) that the command line ``args`` sets, whatever their values.
 

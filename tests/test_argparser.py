@@ -402,6 +402,30 @@ def test_invalid_choice_is_an_argparse_error(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_unknown_task_lists_the_tasks_of_each_dataset_once(capsys):
+    # The --task choices repeat names shared by datasets ('offline' five times); the refusal lists them
+    # by dataset, as --help does, so each dataset's valid names can be read off.
+    with pytest.raises(SystemExit):
+        parse("--task", "15-9")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'15-9'" in err
+    for dataset, table in tasks.TASKS.items():
+        assert f"{dataset}: {', '.join(table)}" in err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--method", "XYZ"), ("--dataset", "coco"), ("--norm_act", "bn")]
+)
+def test_an_invalid_choice_lists_each_valid_value_once(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        parse(flag, value)
+    err = capsys.readouterr().err
+    listed = err.split("choose from ", 1)[1].split(")", 1)[0].split(", ")
+    action = {a.dest: a for a in get_argparser()._actions}[flag.removeprefix("--")]
+    assert f"invalid choice: {value!r}" in err
+    assert listed == [repr(c) for c in dict.fromkeys(action.choices)]
+
+
 def test_help_renders_and_uses_groups():
     parser = get_argparser()
     assert parser.formatter_class is argparse.ArgumentDefaultsHelpFormatter
