@@ -126,6 +126,23 @@ def test_pod_refused_alike_by_the_parser_and_the_loss_term(flag, value):
     assert refusal(lambda: validate_options(opts)) == expected
 
 
+@pytest.mark.parametrize("text", ["{switch: 1}", '{"switch": ', "'a'"])
+def test_pod_options_as_invalid_json_text_is_an_options_error(text):
+    # A namespace written by hand (or read back from opts.json) may hold the JSON text itself.
+    opts = resolved("--pod", "local")
+    opts.pod_options = text
+    message = refusal(lambda: build_loss_terms(opts, step1(), 16))
+    assert "not valid JSON" in message and "--pod_options" in message
+    assert refusal(lambda: validate_options(opts)) == message
+
+
+def test_pod_options_as_valid_json_text_is_parsed():
+    opts = resolved("--pod", "local", "--pod_options", '{"switch": {"after": {"type": "local"}}}')
+    opts.pod_options = '{"switch": {"after": {"type": "local"}}}'
+    pod = build_loss_terms(opts, step1(), 16)["pod"]
+    assert pod.pod_kwargs["pod_options"] == {"switch": {"after": {"type": "local"}}}
+
+
 def test_pod_prepro_refused_alike_by_pod_itself():
     x = [torch.ones(1, 2, 4, 4)]
     for prepro in ("abs", "square"):

@@ -28,7 +28,6 @@ Typical Trainer use (step > 0 shown)::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -571,10 +570,8 @@ class PODTerm(LossTerm):
 
     @classmethod
     def from_opts(cls, opts: argparse.Namespace, info: StepInfo) -> PODTerm:
-        pod_options = opts.pod_options
-        if isinstance(pod_options, str):
-            pod_options = json.loads(pod_options)
-        check_pod_options(pod_options, opts.pod_prepro)  # refuse malformed options before training starts
+        # Refuse malformed options before training starts; a JSON text (hand-built options) is parsed here.
+        pod_options = check_pod_options(opts.pod_options, opts.pod_prepro)
         return cls(
             index_new_class=info.old_classes,
             nb_current_classes=info.current_classes,

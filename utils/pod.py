@@ -21,6 +21,7 @@ positions in place).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -156,18 +157,31 @@ def _check_section_numbers(name: str, section: Mapping[str, Any]) -> None:
             )
 
 
-def check_pod_options(pod_options: Any, pod_prepro: str = "pow") -> None:
+def check_pod_options(pod_options: Any, pod_prepro: str = "pow") -> dict[str, Any] | None:
     """The rules of ``--pod_options`` and ``--pod_prepro``, written once: applied by
     ``argparser.validate_options`` before any work and by the POD loss term when it is built.
 
     Args:
-        pod_options: the parsed ``--pod_options`` JSON (None: no options).
+        pod_options: the parsed ``--pod_options`` JSON, or its text (an options namespace written by hand or
+            read back from ``opts.json``); None: no options.
         pod_prepro: ``--pod_prepro``.
 
+    Returns:
+        The options as a dictionary (None when there are none).
+
     Raises:
-        OptionsError: not a JSON object, a section that is not one, a pre-processing other than pow, none
-            or relu (:func:`check_prepro`), a number out of its range, an unknown difference function.
+        OptionsError: text that is not JSON, not a JSON object, a section that is not one, a
+            pre-processing other than pow, none or relu (:func:`check_prepro`), a number out of its range,
+            an unknown difference function.
     """
+    if isinstance(pod_options, str):
+        try:
+            pod_options = json.loads(pod_options)
+        except json.JSONDecodeError as err:
+            raise OptionsError(
+                f"--pod_options is not valid JSON ({err.msg} at character {err.pos}): {pod_options!r}. "
+                f"Quote the whole dictionary for the shell, {_POD_OPTIONS_EXAMPLE}."
+            ) from None
     if pod_options is not None and not isinstance(pod_options, dict):
         raise OptionsError(
             f"--pod_options must be a JSON object, got {pod_options!r}. Pass for example "
@@ -187,6 +201,7 @@ def check_pod_options(pod_options: Any, pod_prepro: str = "pow") -> None:
         if section.get("prepro") is not None:
             check_prepro(section["prepro"])
     PODOptions.parse(pod_options)
+    return pod_options
 
 
 @dataclass
