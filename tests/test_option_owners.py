@@ -157,6 +157,39 @@ def test_excluded_kd_refused_alike_by_the_parser_and_the_loss_terms(flag):
     assert refusal(lambda: validate_options(opts)) == expected
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("--nca",),
+        ("--nca", "--unce", "--step", "0"),
+        ("--pseudo_soft", "soft_certain"),
+        ("--ce_on_pseudo",),
+        ("--ce_on_pseudo", "--pseudo", "median"),
+    ],
+)
+def test_loss_rules_of_a_later_step_refused_before_any_work(argv):
+    # build_loss_terms runs after the data scan and the models are loaded; the parser refuses first.
+    opts = resolved("--step", "1", *argv)  # a later --step in argv wins
+    model = _module()  # no --cosine: no scalar
+    info = step1() if opts.step else StepInfo.from_classes(0, [16], 21, "voc")
+    expected = refusal(lambda: build_loss_terms(opts, info, 16, model))
+    assert refusal(lambda: validate_options(opts)) == expected
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("--nca", "--cosine"),
+        ("--nca", "--unce"),
+        ("--nca", "--bce"),
+        ("--pseudo_soft", "soft_certain", "--step", "0"),
+        ("--pseudo_soft", "soft_uncertain", "--pseudo", "entropy"),
+    ],
+)
+def test_loss_rules_accept_what_builds(argv):
+    validate_options(resolved("--step", "1", *argv))
+
+
 def _module(**kwargs) -> IncrementalSegmentationModule:
     return IncrementalSegmentationModule(nn.Identity(), nn.Identity(), 4, [16, 5], **kwargs)
 

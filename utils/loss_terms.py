@@ -225,9 +225,7 @@ def build_criterion(opts: argparse.Namespace, info: StepInfo, model: nn.Module |
         scale = getattr(model, "scalar", None) if model is not None else None
         if scale is None:
             # The reference multiplied by the missing scalar and crashed.
-            raise OptionsError(
-                "--nca needs the cosine classifier's scalar: add --cosine (and pass the model)."
-            )
+            raise OptionsError(_NCA_NEEDS_COSINE)
         if old != 0:
             return UnbiasedNCA(old_cl=old, scale=scale, margin=opts.nca_margin, reduction="none")
         return NCA(scale=scale, margin=opts.nca_margin, reduction="none")
@@ -284,9 +282,7 @@ class ClassificationTerm(LossTerm):
     def from_opts(
         cls, opts: argparse.Namespace, info: StepInfo, model: nn.Module | None = None
     ) -> ClassificationTerm:
-        if info.distill and (opts.pseudo_soft or opts.ce_on_pseudo) and opts.pseudo != "entropy":
-            # The reference read variables that only the entropy mode defines (NameError/assert).
-            raise OptionsError("--pseudo_soft and --ce_on_pseudo need --pseudo entropy.")
+        _check_pseudo_soft(opts, info.distill)
         icarl_loss = None
         if info.distill and opts.icarl and opts.icarl_disjoint:
             icarl_loss = IcarlLoss(reduction="mean", bkg=opts.icarl_bkg)
@@ -638,18 +634,37 @@ class EntropyMinTerm(LossTerm):
 # --- builders -------------------------------------------------------------------------------------------
 
 
+_NCA_NEEDS_COSINE = (
+    "--nca scales the logits by the cosine classifier's learnable scalar, which only --cosine creates: add "
+    "--cosine (code that builds the criterion itself must pass the model)."
+)
+
+
+def _check_pseudo_soft(opts: argparse.Namespace, distill: bool) -> None:
+    # The reference read variables that only the entropy mode defines (NameError/assert), at steps > 0.
+    if distill and (opts.pseudo_soft or opts.ce_on_pseudo) and opts.pseudo != "entropy":
+        raise OptionsError("--pseudo_soft and --ce_on_pseudo need --pseudo entropy.")
+
+
 def check_loss_options(opts: argparse.Namespace) -> None:
-    """Refuse loss options that cannot work; ``argparser.validate_options`` calls this before any work.
+    """Refuse loss options that cannot work; ``argparser.validate_options`` calls this before any work, so a
+    step > 0 stops in a second instead of after its data scan and model loading.
 
     Raises:
         OptionsError: ``--exkd_gt`` / ``--exkd_sum`` (RN-16: excluded KD crashes in the reference's training
-            loop).
+            loop); ``--nca`` reached by :func:`build_criterion` without ``--cosine`` (no scalar to scale
+            by); at a step > 0, ``--pseudo_soft`` / ``--ce_on_pseudo`` without ``--pseudo entropy``.
     """
     if opts.exkd_gt or opts.exkd_sum:
         raise OptionsError(
             "--exkd_gt/--exkd_sum (excluded knowledge distillation) crash in the reference training "
             "loop (RN-16) and are not supported. Remove them; use --loss_kd with --unkd, --lgkd or plain KD."
         )
+    # build_criterion's first match: BCE/iCaRL, and UNCE once there are old classes, come before NCA.
+    reaches_nca = opts.nca and not (opts.bce or opts.icarl or (opts.unce and opts.step > 0))
+    if reaches_nca and not opts.cosine:
+        raise OptionsError(_NCA_NEEDS_COSINE)
+    _check_pseudo_soft(opts, opts.step > 0)
 
 
 def build_loss_terms(
