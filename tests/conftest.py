@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import os
 import random
+import socket
 import sys
 from pathlib import Path
 
@@ -25,6 +26,14 @@ def load_script_module(relpath: str, name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def free_port() -> int:
+    """A TCP port free at this moment, for a torchrun rendezvous: a fixed port collides when two test runs
+    (or two CI jobs) share a host."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_argv(

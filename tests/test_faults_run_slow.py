@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, load_script_module, run_argv
+from tests.conftest import ROOT, free_port, load_script_module, run_argv
 
 pytestmark = pytest.mark.slow
 
@@ -157,7 +157,7 @@ def test_a_second_real_run_of_the_same_step_is_refused(voc_root, tmp_path):
 def test_torchrun_sigterm_reaches_every_rank(voc_root, tmp_path):
     out = tmp_path / "out"
     last = out / "ckpt" / "15-5s-voc_sig_0_last.pth"
-    launcher = [PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541"]
+    launcher = [PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     proc = start(args(voc_root, out, **{"--batch_size": "2"}), launcher)
     wait_for(lambda: log_has(out, "Epoch 1, lr"), proc)
     time.sleep(0.3)

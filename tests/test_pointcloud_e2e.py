@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 import run
 from argparser import METHOD_PRESETS
-from tests.conftest import ROOT, load_script_module
+from tests.conftest import ROOT, free_port, load_script_module
 from tests.test_run_e2e import _run_until_killed, run_cmd
 
 PY = sys.executable
@@ -77,12 +76,6 @@ def read_rows(out: Path, dataset: str, task: str, name: str) -> list[list[str]]:
 
 def log_text(out: Path, dataset: str, task: str, name: str, step: int) -> str:
     return (out / "logs" / f"{task}-{dataset}" / name / f"step{step}" / "log.txt").read_text()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def summary_of(csv_path: Path) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, load_script_module, run_argv
+from tests.conftest import ROOT, free_port, load_script_module, run_argv
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +119,7 @@ def test_two_steps_single_process(voc_root: Path, tmp_path: Path) -> None:
 
 
 def test_two_steps_torchrun_gloo(voc_root: Path, tmp_path: Path) -> None:
-    launcher = [PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"]
+    launcher = [PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     for step in (0, 1):
         run_cmd(common_args(voc_root, tmp_path, "ddp", step, **{"--batch_size": "2"}), launcher=launcher)
     rows = read_rows(tmp_path, "ddp")
@@ -220,7 +220,7 @@ def test_torchrun_restarts_a_killed_worker_and_resumes(voc_root: Path, tmp_path:
         "torch.distributed.run",
         "--nproc_per_node=2",
         "--max-restarts=1",
-        "--master_port=29533",
+        f"--master_port={free_port()}",
     ]
     args = common_args(voc_root, tmp_path, "elastic", 0, **{"--batch_size": "2", "--epochs": "3"})
     proc = subprocess.Popen(
