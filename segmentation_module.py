@@ -77,11 +77,25 @@ def check_model_options(opts: argparse.Namespace) -> None:
     model applies the same checks when it is built.
 
     Raises:
-        OptionsError: an ``--init_multimodal`` that does not work, an unknown ``--multimodal_fusion``.
+        OptionsError: an ``--init_multimodal`` that does not work (or, at a step > 0, has a single
+            background mode to hand over), an unknown ``--multimodal_fusion``.
     """
     if getattr(opts, "init_multimodal", None) is not None:
         check_multimodal_init(opts.init_multimodal)
+        # run.load_previous_step applies it at steps > 0 unless --init_balanced comes first.
+        if opts.step > 0 and not opts.init_balanced:
+            check_multimodal_modes(opts.nb_background_modes)
     check_multimodal_fusion(getattr(opts, "multimodal_fusion", "sum"))
+
+
+def check_multimodal_modes(nb_background_modes: int) -> None:
+    """Refuse ``--init_multimodal`` with a single background mode: there is no mode to hand over."""
+    if nb_background_modes < 2:
+        raise OptionsError(
+            "--init_multimodal needs --nb_background_modes of at least 2 (it hands background modes "
+            "over to the new classes): add --nb_background_modes 2 or more from step 0 on, or drop "
+            "--init_multimodal."
+        )
 
 
 def build_norm_act(
@@ -446,8 +460,7 @@ class IncrementalSegmentationModule(nn.Module):
         the reference.
         """
         check_multimodal_init(init_type)
-        if self.nb_background_modes < 2:
-            raise OptionsError("--init_multimodal needs --nb_background_modes of at least 2.")
+        check_multimodal_modes(self.nb_background_modes)
         kind, _, suffix = init_type.partition("_")
         winners = self._count_winning_modes(device, train_loader)
         bg_cls, new_cls = self.cls[0], self.cls[-1]
@@ -530,6 +543,7 @@ __all__ = [
     "check_model_options",
     "check_multimodal_fusion",
     "check_multimodal_init",
+    "check_multimodal_modes",
     "classifier_sizes_for",
     "imagenet_weights_path",
     "make_model",

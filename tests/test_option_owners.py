@@ -201,6 +201,25 @@ def test_multimodal_init_refused_alike_by_the_parser_and_the_model(init):
     assert refusal(lambda: validate_options(resolved("--init_multimodal", init))) == expected
 
 
+@pytest.mark.parametrize("init", ["max", "softmax_remove"])
+def test_multimodal_init_with_one_mode_refused_alike_by_the_parser_and_the_model(init):
+    model = _module(nb_background_modes=1)
+    expected = refusal(lambda: model.init_new_classifier_multimodal("cpu", [], init))
+    assert refusal(lambda: validate_options(resolved("--step", "1", "--init_multimodal", init))) == expected
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("--step", "0", "--init_multimodal", "max"),  # step 0 has no new classifier to initialise
+        ("--step", "1", "--init_multimodal", "max", "--init_balanced"),  # the balanced init comes first
+        ("--step", "1", "--init_multimodal", "max", "--nb_background_modes", "2"),
+    ],
+)
+def test_multimodal_init_accepted_where_it_applies_or_can_work(argv):
+    validate_options(resolved(*argv))
+
+
 @pytest.mark.parametrize("fusion", ["avg", "median", "SUM", ""])
 def test_multimodal_fusion_refused_alike_by_the_parser_and_the_model(fusion):
     expected = refusal(lambda: _module(nb_background_modes=2, multimodal_fusion=fusion))
