@@ -106,53 +106,48 @@ README_FIGURE = ROOT / "docs" / "images" / "demo_miou.png"
 GRID_IMAGES = 6
 
 
-@dataclass(frozen=True)
-class DemoSettings:
-    """Everything that defines a demo run; identical for every method.
+@dataclass(frozen=True, kw_only=True)
+class _DemoSchedule:
+    """What every demo run has, images or point clouds; identical for every method.
 
     Step 0 uses ``lr_step0`` / ``epochs_step0`` / ``batch_step0`` and steps >= 1 ``lr_later`` /
-    ``epochs_later`` / ``batch_later``, where the reference scripts use 0.01 / 30 / 8 and then
-    0.001 / 30 / 12 (batch per GPU, two GPUs).
+    ``epochs_later`` / ``batch_later``.
     """
 
     num_train: int
     num_val: int
-    image_size: int
     data_seed: int
-    crop_size: int
     batch_step0: int
     batch_later: int
     epochs_step0: int
     epochs_later: int
     lr_step0: float
     lr_later: float
-    backbone: str = "resnet18"
     num_workers: int = 0
     # Validate only after the last epoch (the reference validates from epoch 30 on, every --val_interval).
     val_interval: int = 1000
     random_seed: int = 42
     #: The settings that define the data set (recorded next to it, see ensure_data).
-    DATA_FIELDS: ClassVar[tuple[str, ...]] = ("num_train", "num_val", "image_size", "data_seed")
+    DATA_FIELDS: ClassVar[tuple[str, ...]] = ("num_train", "num_val", "data_seed")
 
     def data_args(self) -> list[str]:
         """Arguments of data/make_synthetic.py (besides --dataset and --out)."""
         return [
-            "--num_train",
-            str(self.num_train),
-            "--num_val",
-            str(self.num_val),
-            "--size",
-            str(self.image_size),
-            "--seed",
-            str(self.data_seed),
-        ]
+            "--num_train", str(self.num_train),
+            "--num_val", str(self.num_val),
+            *self.data_size_args(),
+            "--seed", str(self.data_seed),
+        ]  # fmt: skip
+
+    def data_size_args(self) -> list[str]:
+        """make_synthetic.py arguments that size each sample (none: the generator's defaults)."""
+        return []
 
     def step_args(self, step: int) -> list[str]:
         """run.py training settings of a step (the same for every method)."""
         later = step > 0
         return [
-            "--backbone", self.backbone, "--no_pretrained",
-            "--crop_size", str(self.crop_size),
+            *self.model_args(),
             "--batch_size", str(self.batch_later if later else self.batch_step0),
             "--epochs", str(self.epochs_later if later else self.epochs_step0),
             "--lr", str(self.lr_later if later else self.lr_step0),
@@ -160,6 +155,27 @@ class DemoSettings:
             "--val_interval", str(self.val_interval),
             "--random_seed", str(self.random_seed),
         ]  # fmt: skip
+
+    def model_args(self) -> list[str]:
+        """run.py arguments of the model and its input, before the schedule."""
+        return []
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoSettings(_DemoSchedule):
+    """An image demo run (VOC layout). The reference scripts use lr / epochs / batch 0.01 / 30 / 8 at
+    step 0 and then 0.001 / 30 / 12 (batch per GPU, two GPUs)."""
+
+    image_size: int
+    crop_size: int
+    backbone: str = "resnet18"
+    DATA_FIELDS: ClassVar[tuple[str, ...]] = ("num_train", "num_val", "image_size", "data_seed")
+
+    def data_size_args(self) -> list[str]:
+        return ["--size", str(self.image_size)]
+
+    def model_args(self) -> list[str]:
+        return ["--backbone", self.backbone, "--no_pretrained", "--crop_size", str(self.crop_size)]
 
 
 # The demo (README "What the demo shows": its time, and why these differ from the paper's settings).
@@ -178,53 +194,19 @@ QUICK = DemoSettings(
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class PointCloudDemoSettings:
-    """A point-cloud demo run (``--dataset scannet|s3dis``); identical for every method.
+@dataclass(frozen=True, kw_only=True)
+class PointCloudDemoSettings(_DemoSchedule):
+    """A point-cloud demo run (``--dataset scannet|s3dis``).
 
     The model and optimiser are run.py's point-cloud defaults (DGCNN from scratch, Adam at lr 0.001, as
     3DPC-CISS); the clouds are smaller (``num_points``, ``knn_k``) and the epochs fewer, to fit a CPU budget.
     """
 
-    num_train: int  # training rooms
-    num_val: int  # test rooms
-    data_seed: int
     num_points: int
     knn_k: int
-    batch_step0: int
-    batch_later: int
-    epochs_step0: int
-    epochs_later: int
-    lr_step0: float
-    lr_later: float
-    num_workers: int = 0
-    val_interval: int = 1000
-    random_seed: int = 42
-    DATA_FIELDS: ClassVar[tuple[str, ...]] = ("num_train", "num_val", "data_seed")
 
-    def data_args(self) -> list[str]:
-        """Arguments of data/make_synthetic.py (besides --dataset and --out)."""
-        return [
-            "--num_train",
-            str(self.num_train),
-            "--num_val",
-            str(self.num_val),
-            "--seed",
-            str(self.data_seed),
-        ]
-
-    def step_args(self, step: int) -> list[str]:
-        """run.py training settings of a step (the same for every method)."""
-        later = step > 0
-        return [
-            "--num_points", str(self.num_points), "--knn_k", str(self.knn_k),
-            "--batch_size", str(self.batch_later if later else self.batch_step0),
-            "--epochs", str(self.epochs_later if later else self.epochs_step0),
-            "--lr", str(self.lr_later if later else self.lr_step0),
-            "--num_workers", str(self.num_workers),
-            "--val_interval", str(self.val_interval),
-            "--random_seed", str(self.random_seed),
-        ]  # fmt: skip
+    def model_args(self) -> list[str]:
+        return ["--num_points", str(self.num_points), "--knn_k", str(self.knn_k)]
 
 
 # The point-cloud demos (README "The 3D demo": time and results) and their smoke configurations (whose
