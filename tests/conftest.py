@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from utils.logger import remove_handlers
+
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(2)
@@ -62,6 +64,17 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _detach_console_log():
+    """``run.main`` leaves its console log handler in place for late messages. It writes to the stream
+    pytest captured for that test and closes afterwards, so a later test's log records would hit a closed
+    file ("--- Logging error ---" in place of the message under test): detach the handlers around every
+    test."""
+    remove_handlers()
+    yield
+    remove_handlers()
 
 
 def make_opts(**overrides) -> argparse.Namespace:

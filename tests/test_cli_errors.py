@@ -39,15 +39,20 @@ def write_voc_tree(root: Path, masks: dict[str, np.ndarray]) -> Path:
     return root
 
 
-@pytest.fixture()
-def voc_tree(tmp_path: Path) -> Path:
+def tiny_voc_tree(root: Path) -> Path:
+    """Six 32 x 32 images: classes 1 and 2 in every one, class 16 in the first three (VOC 15-5 step 1)."""
     masks = {}
     for i in range(6):
         m = np.zeros((32, 32), np.uint8)
         m[4:20, 4:20] = 1 + (i % 2)  # classes 1 and 2 only
         m[20:28, 20:28] = 16 if i < 3 else 0
         masks[f"img{i}"] = m
-    return write_voc_tree(tmp_path / "voc", masks)
+    return write_voc_tree(root, masks)
+
+
+@pytest.fixture()
+def voc_tree(tmp_path: Path) -> Path:
+    return tiny_voc_tree(tmp_path / "voc")
 
 
 def base_args(root: Path, out: Path, step: int = 0, **extra: str) -> list[str]:

@@ -32,7 +32,6 @@ from dataset import (
 from tests.conftest import ROOT
 from tests.test_cli_errors import _fake_checkpoint, base_args, nothing_written, write_voc_tree
 from utils.errors import CheckpointError, DatasetError, OptionsError, UserError, original_message
-from utils.logger import remove_handlers
 
 
 def _masks(n: int = 6, size: tuple[int, int] = (32, 32)) -> dict[str, np.ndarray]:
@@ -142,15 +141,7 @@ def test_unscanned_splits_refuse_the_mismatch_when_loading(voc_tree, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- workers
-@pytest.fixture()
-def console_logger_detached():
-    """run.main leaves its console log handler for late messages; it writes to this test's captured stream,
-    which pytest closes afterwards, so detach it."""
-    yield
-    remove_handlers()
-
-
-def test_worker_error_reaches_the_user_as_one_paragraph(voc_tree, tmp_path, capsys, console_logger_detached):
+def test_worker_error_reaches_the_user_as_one_paragraph(voc_tree, tmp_path, capsys):
     image, _ = voc_paths(voc_tree, "img3")
     truncate_jpeg(image, (32, 32))
     assert run.main(base_args(voc_tree, tmp_path / "out", **{"--num_workers": "2"})) == 2

@@ -20,7 +20,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -37,9 +36,8 @@ from argparser import (
 )
 from segmentation_module import make_model
 from tests.conftest import ROOT, make_opts
-from tests.test_cli_errors import base_args, nothing_written, write_voc_tree
+from tests.test_cli_errors import base_args, nothing_written, tiny_voc_tree
 from utils.errors import OptionsError
-from utils.logger import remove_handlers
 
 
 def ranged_actions() -> list[InRange]:
@@ -279,13 +277,7 @@ def test_crop_that_leaves_a_one_pixel_feature_map_is_refused(output_stride):
 
 @pytest.fixture()
 def voc_tree(tmp_path: Path) -> Path:
-    masks = {}
-    for i in range(6):
-        m = np.zeros((32, 32), np.uint8)
-        m[4:20, 4:20] = 1 + (i % 2)
-        m[20:28, 20:28] = 16 if i < 3 else 0
-        masks[f"img{i}"] = m
-    return write_voc_tree(tmp_path / "voc", masks)
+    return tiny_voc_tree(tmp_path / "voc")
 
 
 @pytest.mark.parametrize(
@@ -333,15 +325,7 @@ def test_available_cpus_follows_the_affinity_mask(monkeypatch):
     assert available_cpus() == 1
 
 
-@pytest.fixture()
-def console_logger_detached():
-    """run.main leaves its console log handler for late messages; it writes to this test's captured stream,
-    which pytest closes afterwards, so detach it."""
-    yield
-    remove_handlers()
-
-
-def test_thousand_workers_run_capped(voc_tree, tmp_path, capsys, console_logger_detached):
+def test_thousand_workers_run_capped(voc_tree, tmp_path, capsys):
     out = tmp_path / "out"
     assert run.main(base_args(voc_tree, out, **{"--num_workers": "1000"})) == 0
     cpus = available_cpus()

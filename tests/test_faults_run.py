@@ -30,7 +30,7 @@ import torch
 import run
 from argparser import get_argparser, modify_command_options
 from tests.conftest import run_argv
-from tests.test_cli_errors import write_voc_tree
+from tests.test_cli_errors import tiny_voc_tree
 from training_options import FREE_OPTIONS, option_differences, stored_options
 from utils import checkpoint as ckpt_mod
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -40,16 +40,6 @@ from utils.logger import Logger, remove_handlers
 from utils.results import write_results_row
 
 NAME = "faults"
-
-
-def tiny_tree(root: Path) -> Path:
-    masks = {}
-    for i in range(6):
-        m = np.zeros((32, 32), np.uint8)
-        m[4:20, 4:20] = 1 + (i % 2)
-        m[20:28, 20:28] = 16 if i < 3 else 0
-        masks[f"img{i}"] = m
-    return write_voc_tree(root, masks)
 
 
 def argv(root: Path, out: Path, step: int = 0, **extra: str) -> list[str]:
@@ -95,7 +85,7 @@ def main_error(args: list[str], capsys, *needles: str, code: int = 2) -> str:
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """A data tree and an output folder where steps 0 and 1 finished (one epoch each)."""
     base = tmp_path_factory.mktemp("faults")
-    root, out = tiny_tree(base / "voc"), base / "out"
+    root, out = tiny_voc_tree(base / "voc"), base / "out"
     for step in (0, 1):
         assert run.main(argv(root, out, step)) == 0
     remove_handlers()
@@ -541,7 +531,7 @@ def test_log_file_write_failure_is_one_line_and_the_run_goes_on(tmp_path, capsys
 
 
 def test_output_names_too_long_are_refused_before_any_work(tmp_path, capsys, no_scan):
-    root = tiny_tree(tmp_path / "voc")
+    root = tiny_voc_tree(tmp_path / "voc")
     out = tmp_path / "out"
     main_error(argv(root, out, 0, **{"--name": "n" * 240}), capsys, "--name", "255 bytes")
     main_error(argv(root, out, 0, **{"--date": "d" * 250}), capsys, "--date")

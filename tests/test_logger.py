@@ -13,15 +13,8 @@ from tensorboardX.proto import event_pb2
 
 import utils.progress as progress_module
 from metrics import confusion_matrix_to_fig
-from utils.logger import LOGGER_NAME, Logger, get_logger, remove_handlers
+from utils.logger import LOGGER_NAME, Logger, get_logger
 from utils.progress import progress
-
-
-@pytest.fixture(autouse=True)
-def _clean_lgkd_logger():
-    remove_handlers()
-    yield
-    remove_handlers()
 
 
 def _event_tags(logdir: Path) -> dict[str, list]:
