@@ -73,6 +73,7 @@ __all__ = [
     "build_criterion",
     "build_loss_terms",
     "check_loss_options",
+    "criterion_kind",
     "downsample_labels",
     "needs_intermediate",
     "needs_old_outputs",
@@ -208,6 +209,22 @@ def _require(value: Any, what: str, term: str) -> Any:
 # --- classification -------------------------------------------------------------------------------------
 
 
+def criterion_kind(opts: argparse.Namespace, has_old_classes: bool) -> str:
+    """Which criterion :func:`build_criterion` builds, by the reference's first-match order: ``bce``,
+    ``unce``, ``nca``, ``focal``, ``focal_new`` or ``ce``. Also read by :func:`check_loss_options`."""
+    if opts.bce or opts.icarl:
+        return "bce"
+    if opts.unce and has_old_classes:
+        return "unce"
+    if opts.nca:
+        return "nca"
+    if opts.focal_loss:
+        return "focal"
+    if opts.focal_loss_new:
+        return "focal_new"
+    return "ce"
+
+
 def build_criterion(opts: argparse.Namespace, info: StepInfo, model: nn.Module | None = None) -> nn.Module:
     """The per-pixel criterion of the reference's ``Trainer.__init__`` (reduction "none", ignore index 255),
     first match wins.
@@ -217,11 +234,12 @@ def build_criterion(opts: argparse.Namespace, info: StepInfo, model: nn.Module |
     new classes; otherwise cross-entropy. NCA uses the model's cosine scalar (``model.scalar``).
     """
     old = info.old_classes
-    if opts.bce or opts.icarl:
+    kind = criterion_kind(opts, has_old_classes=old != 0)
+    if kind == "bce":
         return BCEWithLogitsLossWithIgnoreIndex(reduction="none")
-    if opts.unce and old != 0:
+    if kind == "unce":
         return UnbiasedCrossEntropy(old_cl=old, reduction="none", ignore_index=IGNORE_INDEX)
-    if opts.nca:
+    if kind == "nca":
         scale = getattr(model, "scalar", None) if model is not None else None
         if scale is None:
             # The reference multiplied by the missing scalar and crashed.
@@ -229,9 +247,9 @@ def build_criterion(opts: argparse.Namespace, info: StepInfo, model: nn.Module |
         if old != 0:
             return UnbiasedNCA(old_cl=old, scale=scale, margin=opts.nca_margin, reduction="none")
         return NCA(scale=scale, margin=opts.nca_margin, reduction="none")
-    if opts.focal_loss:
+    if kind == "focal":
         return FocalLoss(alpha=opts.alpha, gamma=opts.focal_loss_gamma, reduction="none")
-    if opts.focal_loss_new:
+    if kind == "focal_new":
         return FocalLossNew(alpha=opts.alpha, gamma=opts.focal_loss_gamma, index=old, reduction="none")
     return nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="none")
 
@@ -660,9 +678,8 @@ def check_loss_options(opts: argparse.Namespace) -> None:
             "--exkd_gt/--exkd_sum (excluded knowledge distillation) crash in the reference training "
             "loop (RN-16) and are not supported. Remove them; use --loss_kd with --unkd, --lgkd or plain KD."
         )
-    # build_criterion's first match: BCE/iCaRL, and UNCE once there are old classes, come before NCA.
-    reaches_nca = opts.nca and not (opts.bce or opts.icarl or (opts.unce and opts.step > 0))
-    if reaches_nca and not opts.cosine:
+    # A step > 0 has old classes.
+    if criterion_kind(opts, has_old_classes=opts.step > 0) == "nca" and not opts.cosine:
         raise OptionsError(_NCA_NEEDS_COSINE)
     _check_pseudo_soft(opts, opts.step > 0)
 
